@@ -1,0 +1,304 @@
+"""Typed configuration for every stage: dataclasses, YAML presets and ``key.sub=value`` overrides.
+
+Every field carries a one-line ``doc`` in its metadata; ``describe()`` prints them. Loading is strict:
+an unknown key or a value of the wrong type raises ``ConfigError`` naming the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message says what is valid."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and a one-line description."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class ModelConfig:
+    """The target model whose draft we train."""
+
+    target: str = doc("embedded:smollm2-135m-instruct", "Target: hub id, local HF folder, .gguf file, or embedded:<name>.")
+    dtype: str = doc("float32", "Precision the target is loaded in: float32, bfloat16 or float16.")
+    trust_remote_code: bool = doc(False, "Allow custom modelling code shipped with a hub model.")
+
+
+@dataclass
+class DraftConfig:
+    """Shape of the draft derived from the target (same family, vocabulary, special tokens and rope)."""
+
+    num_layers: int = doc(4, "Transformer blocks in the draft.")
+    hidden_size: int = doc(256, "Hidden width of the draft.")
+    num_heads: int = doc(4, "Attention heads.")
+    num_kv_heads: int = doc(2, "Key/value heads (grouped-query attention); must divide num_heads.")
+    intermediate_size: int = doc(768, "MLP inner width.")
+    params_budget: float | None = doc(None, "If set, ignore the widths above and pick them for this many params.")
+    tie_word_embeddings: bool | None = doc(None, "Tie input embedding and LM head; None copies the target's setting.")
+    init_from: str | None = doc(None, "Initialise from this HF draft folder instead of random weights.")
+
+
+@dataclass
+class DataConfig:
+    """Corpora, mixtures and packing."""
+
+    sources: dict = doc({"text": "embedded:text"}, "Named sources: name -> spec (hub:<id>, file glob, embedded:<name>).")
+    weights: dict = doc({}, "Mixture weights by tokens, e.g. {code: 2, text: 1}; empty = equal weights.")
+    token_budget: int = doc(2_000_000, "Total tokens to prepare across sources.")
+    seq_len: int = doc(512, "Packed sequence length (rows hold seq_len+1 ids).")
+    val_fraction: float = doc(0.01, "Fraction of documents held out for validation.")
+    rows_per_shard: int = doc(2048, "Packed rows per parquet shard.")
+    num_tokenizer_actors: int = doc(2, "Actors in the tokenizer pool.")
+    seed: int = doc(0, "Seed for shuffles and splits.")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed training of the draft."""
+
+    stage: str = doc("pt", "Stage: pt (pre-train), cp (continued pre-train) or ft (distillation fine-tune).")
+    num_workers: int = doc(2, "Ray Train workers.")
+    use_gpu: bool = doc(False, "Place one worker per GPU.")
+    cpus_per_worker: int = doc(1, "CPU cores (and torch threads) per worker.")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.")
+    precision: str = doc("fp32", "fp32 or bf16 (fp16 needs a GPU).")
+    offload_optimizer: bool = doc(False, "Offload optimizer state to CPU memory (ZeRO 2/3).")
+    micro_batch_size: int = doc(8, "Sequences per worker per micro-step.")
+    grad_accum_steps: int = doc(1, "Micro-steps per optimizer step.")
+    lr: float = doc(1e-3, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = doc(0.1, "Final LR as a fraction of the peak (cosine schedule).")
+    warmup_steps: int = doc(50, "Linear warm-up steps.")
+    weight_decay: float = doc(0.1, "AdamW weight decay.")
+    grad_clip: float = doc(1.0, "Gradient-norm clipping.")
+    token_budget: int = doc(1_000_000, "Tokens to train on (across workers).")
+    eval_every: int = doc(100, "Optimizer steps between validation losses.")
+    checkpoint_every: int = doc(100, "Optimizer steps between checkpoints.")
+    max_failures: int = doc(3, "Worker-group restarts allowed before the run fails.")
+    seed: int = doc(0, "Seed for initialisation and data order.")
+
+
+@dataclass
+class GenerateConfig:
+    """Target-generated distillation data."""
+
+    prompt_sources: dict = doc({"alpaca": "embedded:alpaca"}, "Instruction sources: name -> spec.")
+    num_prompts: int = doc(500, "Prompts to answer.")
+    temperatures: list = doc([0.6, 0.8, 1.0, 0.0], "Sampling temperatures; 0.0 means greedy.")
+    magpie_prompts: int = doc(0, "Extra instructions the target writes itself (Magpie).")
+    max_new_tokens: int = doc(256, "Response length cap.")
+    batch_size: int = doc(16, "Prompts per generation batch.")
+    topk_logprobs: int = doc(0, "Keep the target's top-k log-probs per response token (0 = off).")
+    backend: str = doc("hf", "hf (batched transformers) or vllm.")
+
+
+@dataclass
+class EvaluateConfig:
+    """Speculative-decoding evaluation of drafts against the target."""
+
+    drafts: list = doc([], "Draft HF folders to evaluate.")
+    tasks: list = doc(["summarization", "story", "instruction", "code"], "Task families.")
+    prompts_per_task: int = doc(8, "Prompts per task family.")
+    max_new_tokens: int = doc(64, "Tokens generated per prompt.")
+    gamma: int = doc(3, "Draft tokens proposed per step (paper protocol: 3).")
+    temperature: float = doc(0.6, "Sampling temperature (paper protocol: 0.6); greedy is always run too.")
+    top_p: float = doc(1.0, "Nucleus sampling threshold.")
+    num_workers: int = doc(1, "Ray workers prompts are spread over.")
+    seed: int = doc(0, "Seed for prompt selection and sampling.")
+
+
+@dataclass
+class SearchConfig:
+    """Ray Tune search over draft depth x width."""
+
+    layers: list = doc([2, 4, 6], "Depths to try.")
+    hidden_sizes: list = doc([192, 256, 384], "Widths to try.")
+    num_samples: int = doc(9, "Trials.")
+    token_budget_per_trial: int = doc(200_000, "Training tokens per trial.")
+    metric: str = doc("eval/instruction/speedup", "Metric to maximise.")
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve deployment of the target+draft pair."""
+
+    draft: str = doc("", "Draft HF folder to serve.")
+    host: str = doc("127.0.0.1", "HTTP host.")
+    port: int = doc(8000, "HTTP port.")
+    gamma: int = doc(3, "Draft tokens per step.")
+    num_replicas: int = doc(1, "Replicas of the speculative decoder.")
+
+
+@dataclass
+class RunConfig:
+    """A whole run: where it lives and every stage's settings."""
+
+    run_name: str = doc("default", "Run directory name under storage.")
+    storage: str = doc("runs", "Root of run directories: local path, NFS or s3://.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Target model."})
+    draft: DraftConfig = field(default_factory=DraftConfig, metadata={"doc": "Draft shape."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Corpora."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training."})
+    generate: GenerateConfig = field(default_factory=GenerateConfig, metadata={"doc": "KD data generation."})
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"doc": "Evaluation."})
+    search: SearchConfig = field(default_factory=SearchConfig, metadata={"doc": "Architecture search."})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "Serving."})
+
+    @property
+    def run_dir(self) -> str:
+        """``<storage>/<run_name>``."""
+        return f"{self.storage.rstrip('/')}/{self.run_name}"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not a valid {tp}")
+    base = origin or tp
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if base in (str, list, dict, float) and not isinstance(value, base):
+        raise ConfigError(f"{key}: expected {base.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        valid = ", ".join(_valid_keys(cls, prefix))
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; valid keys: {valid}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=3e-4", "draft.num_layers=2"]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A shipped recipe name (``cpu_default``) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"no recipe {name_or_path!r}: give a YAML path or one of {', '.join(names)}")
+
+
+def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe (shipped name or YAML path), apply ``key.sub=value`` overrides, validate strictly."""
+    data: dict = {}
+    if recipe:
+        with open(resolve_recipe(recipe)) as fh:
+            data = yaml.safe_load(fh) or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(RunConfig, data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Validate a plain dict (e.g. read back from DONE.json) into a ``RunConfig``."""
+    return _build(RunConfig, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (JSON/YAML friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> str:
+    """One line per key: ``key = default  # doc``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('doc', '')}")
+    return "\n".join(lines)

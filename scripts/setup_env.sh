@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install fastdraft-ray with its dev extra from this repo's own files (CPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+# DeepSpeed ships only an sdist whose setup.py imports torch: build it against the torch above.
+.venv/bin/python -m pip install -q setuptools wheel
+DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "environment ready: $(pwd)/.venv"

