@@ -33,7 +33,9 @@ def doc(default: Any, text: str) -> Any:
 class ModelConfig:
     """The target model whose draft we train."""
 
-    target: str = doc("embedded:smollm2-135m-instruct", "Target: hub id, local HF folder, .gguf file, or embedded:<name>.")
+    target: str = doc(
+        "embedded:smollm2-135m-instruct", "Target: hub id, local HF folder, .gguf file, or embedded:<name>."
+    )
     dtype: str = doc("float32", "Precision the target is loaded in: float32, bfloat16 or float16.")
     trust_remote_code: bool = doc(False, "Allow custom modelling code shipped with a hub model.")
 
@@ -48,7 +50,9 @@ class DraftConfig:
     num_kv_heads: int = doc(2, "Key/value heads (grouped-query attention); must divide num_heads.")
     intermediate_size: int = doc(768, "MLP inner width.")
     params_budget: float | None = doc(None, "If set, ignore the widths above and pick them for this many params.")
-    tie_word_embeddings: bool | None = doc(None, "Tie input embedding and LM head; None copies the target's setting.")
+    tie_word_embeddings: bool | None = doc(
+        None, "Tie input embedding and LM head; None copies the target's setting."
+    )
     init_from: str | None = doc(None, "Initialise from this HF draft folder instead of random weights.")
 
 
@@ -56,7 +60,9 @@ class DraftConfig:
 class DataConfig:
     """Corpora, mixtures and packing."""
 
-    sources: dict = doc({"text": "embedded:text"}, "Named sources: name -> spec (hub:<id>, file glob, embedded:<name>).")
+    sources: dict = doc(
+        {"text": "embedded:text"}, "Named sources: name -> spec (hub:<id>, file glob, embedded:<name>)."
+    )
     weights: dict = doc({}, "Mixture weights by tokens, e.g. {code: 2, text: 1}; empty = equal weights.")
     token_budget: int = doc(2_000_000, "Total tokens to prepare across sources.")
     seq_len: int = doc(512, "Packed sequence length (rows hold seq_len+1 ids).")
@@ -64,6 +70,12 @@ class DataConfig:
     rows_per_shard: int = doc(2048, "Packed rows per parquet shard.")
     num_tokenizer_actors: int = doc(2, "Actors in the tokenizer pool.")
     seed: int = doc(0, "Seed for shuffles and splits.")
+    name: str = doc("main", "Name of the prepared set: shards go to <run_dir>/data/<name> unless output is set.")
+    output: str = doc("", "Shard folder (local, NFS or fsspec URL); empty = <run_dir>/data/<name>.")
+    dedup: bool = doc(True, "Drop exact duplicate documents (same text) across all sources.")
+    tokenize_batch_size: int = doc(64, "Documents per tokenizer call in the actor pool.")
+    tokenizer_actor_cpus: float = doc(1.0, "CPUs reserved per tokenizer actor (lowered to fit small clusters).")
+    max_buffer_mb: int = doc(256, "Object-store MB the prepare pipeline may run ahead of the packer.")
 
 
 @dataclass
@@ -89,6 +101,12 @@ class TrainConfig:
     checkpoint_every: int = doc(100, "Optimizer steps between checkpoints.")
     max_failures: int = doc(3, "Worker-group restarts allowed before the run fails.")
     seed: int = doc(0, "Seed for initialisation and data order.")
+    log_every: int = doc(10, "Optimizer steps between TensorBoard train scalars (rank 0 only).")
+    val_rows: int = doc(256, "Validation rows (first rows of the val split) scored at each validation.")
+    checkpoints_to_keep: int = doc(2, "Most recent checkpoints kept on storage.")
+    worker_resources: dict = doc(
+        {}, "Extra Ray resources per worker, e.g. {trainer: 1} to pin workers to a node type."
+    )
 
 
 @dataclass
@@ -116,8 +134,17 @@ class EvaluateConfig:
     gamma: int = doc(3, "Draft tokens proposed per step (paper protocol: 3).")
     temperature: float = doc(0.6, "Sampling temperature (paper protocol: 0.6); greedy is always run too.")
     top_p: float = doc(1.0, "Nucleus sampling threshold.")
-    num_workers: int = doc(1, "Ray workers prompts are spread over.")
+    num_workers: int = doc(1, "Ray workers prompts are spread over (1 = run in this process, exact).")
     seed: int = doc(0, "Seed for prompt selection and sampling.")
+    modes: list = doc(["sampling", "greedy"], "Decoding modes: sampling (at temperature/top_p) and/or greedy.")
+    source: str = doc(
+        "offline", "Prompt source: offline (embedded stand-ins) or hub (CNN/DM, TinyStories, Dolly, HumanEval)."
+    )
+    max_article_tokens: int = doc(384, "Summarisation articles are truncated to this many tokens.")
+    code_chat: bool = doc(False, "Wrap code prompts in the chat template (default: raw HumanEval completion).")
+    stop_at_eos: bool = doc(True, "Stop a generation at the target's EOS token.")
+    cpus_per_worker: int = doc(0, "CPU cores (and torch threads) per worker; 0 = all cores / num_workers.")
+    use_gpu: bool = doc(False, "Run each worker on one GPU.")
 
 
 @dataclass
@@ -156,6 +183,7 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"doc": "Evaluation."})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"doc": "Architecture search."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "Serving."})
+    stages: dict = doc({}, "Per-stage overrides: stage (pt, cp, ft) -> {dotted.key: value}; see stage_config().")
 
     @property
     def run_dir(self) -> str:
@@ -185,18 +213,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not a valid {tp}")
     base = origin or tp
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if base is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if base is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -277,12 +309,32 @@ def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None 
         with open(resolve_recipe(recipe)) as fh:
             data = yaml.safe_load(fh) or {}
     data = _merge(data, parse_overrides(overrides or []))
+    return _validate_stages(_build(RunConfig, data))
+
+
+def stage_config(cfg: RunConfig, stage: str) -> RunConfig:
+    """``cfg`` with ``cfg.stages[stage]`` applied (e.g. CP's code:text mixture and token budget)."""
+    overrides = cfg.stages.get(stage, {})
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"stages.{stage} must map dotted keys to values, got {overrides!r}")
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        if key.split(".")[0] == "stages":
+            raise ConfigError(f"stages.{stage}: {key} cannot be overridden per stage")
+        _set_dotted(data, key, value)
+    data["train"]["stage"] = stage
     return _build(RunConfig, data)
+
+
+def _validate_stages(cfg: RunConfig) -> RunConfig:
+    for stage in cfg.stages:
+        stage_config(cfg, stage)  # raises ConfigError on an unknown key or a wrong type
+    return cfg
 
 
 def config_from_dict(data: dict) -> RunConfig:
     """Validate a plain dict (e.g. read back from DONE.json) into a ``RunConfig``."""
-    return _build(RunConfig, data)
+    return _validate_stages(_build(RunConfig, data))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from transformers import AutoConfig
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: it reads this once
+
+import pytest  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 TINY_VOCAB = 96
 FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt_neox", "gemma"]
@@ -17,8 +17,15 @@ FAMILIES = ["llama", "qwen2", "mistral", "phi3", "gpt_neox", "gemma"]
 def tiny_config(family: str = "llama", **overrides):
     """A ~100k-parameter random config of ``family`` (vocab 96, 2 layers, hidden 64)."""
     kwargs = dict(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     if family != "gpt_neox":
         kwargs["num_key_value_heads"] = 2
@@ -51,9 +58,10 @@ def smollm2(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A private local Ray instance for the module (never `ray stop`)."""
+    """A private local Ray instance for the module (never `ray stop`). ``address="local"`` keeps tests off any
+    cluster a user started with `ray start` on the same machine."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

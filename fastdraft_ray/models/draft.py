@@ -49,7 +49,15 @@ FAMILIES: dict[str, ShapeKeys] = {
 }
 # Per-layer lists and counts that must be recomputed for the draft's depth (the config's defaults do that).
 _DEPTH_DEPENDENT = ("layer_types",)
-_DROP = ("model_type", "_name_or_path", "quantization_config", "auto_map", "architectures", "transformers_version", "dtype")
+_DROP = (
+    "model_type",
+    "_name_or_path",
+    "quantization_config",
+    "auto_map",
+    "architectures",
+    "transformers_version",
+    "dtype",
+)
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -66,7 +74,9 @@ def derive_draft_config(target: PretrainedConfig, shape: DraftConfig | None = No
     """
     shape = shape or DraftConfig()
     if shape.num_heads <= 0 or shape.num_kv_heads <= 0 or shape.num_heads % shape.num_kv_heads:
-        raise ValueError(f"num_kv_heads={shape.num_kv_heads} must be positive and divide num_heads={shape.num_heads}")
+        raise ValueError(
+            f"num_kv_heads={shape.num_kv_heads} must be positive and divide num_heads={shape.num_heads}"
+        )
     if shape.hidden_size % shape.num_heads:
         raise ValueError(f"hidden_size={shape.hidden_size} must be divisible by num_heads={shape.num_heads}")
     family = target.model_type
@@ -95,7 +105,9 @@ def derive_draft_config(target: PretrainedConfig, shape: DraftConfig | None = No
 def _check_rope_head_dim(target: PretrainedConfig, shape: DraftConfig) -> None:
     """Rope scalings with per-dimension factors (e.g. longrope) only fit drafts with the target's head_dim."""
     rope = getattr(target, "rope_parameters", None) or {}
-    if any(isinstance(v, list) for v in rope.values()) and shape.hidden_size // shape.num_heads != _head_dim(target):
+    if any(isinstance(v, list) for v in rope.values()) and shape.hidden_size // shape.num_heads != _head_dim(
+        target
+    ):
         raise ValueError(
             f"the target's rope scaling has per-dimension factors, so the draft needs head_dim={_head_dim(target)}: "
             f"choose num_heads = hidden_size / {_head_dim(target)}"
@@ -168,18 +180,22 @@ def draft_for_budget(
 
     Widths are multiples of ``head_dim`` (default: the target's); the MLP is 8/3 x hidden for gated MLPs
     (4x for GPT-NeoX); the KV-head ratio follows the target's where it divides. ``layers=None`` tries 2..16
-    layers and keeps the shape whose hidden/layers ratio is closest to 64.
+    layers and, among shapes within 10% of the closest fit, keeps the one whose hidden/layers is nearest 64.
     """
     head_dim = head_dim or _head_dim(target)
-    kv_ratio = max(1, target.num_attention_heads // (getattr(target, "num_key_value_heads", None) or target.num_attention_heads))
+    kv_ratio = max(
+        1,
+        target.num_attention_heads // (getattr(target, "num_key_value_heads", None) or target.num_attention_heads),
+    )
     mlp_mult = 4.0 if target.model_type == "gpt_neox" else 8 / 3
 
     def shape_for(n_layers: int, heads: int) -> DraftConfig:
         hidden = heads * head_dim
         kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d * kv_ratio <= max(heads, kv_ratio))
         inter = int(round(hidden * mlp_mult / 64)) * 64 or 64
-        return DraftConfig(num_layers=n_layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
-                           intermediate_size=inter)
+        return DraftConfig(
+            num_layers=n_layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv, intermediate_size=inter
+        )
 
     candidates = []
     for n_layers in [layers] if layers else range(2, 17):
@@ -191,11 +207,16 @@ def draft_for_budget(
             else:
                 hi = mid - 1
         if lo >= (1 if layers else 2):
-            candidates.append(shape_for(n_layers, lo))
+            shape = shape_for(n_layers, lo)
+            candidates.append((count_params(derive_draft_config(target, shape)).total, shape))
     if not candidates:
-        raise ValueError(f"no draft of the target's family fits {params:.3g} parameters (the embedding alone may not)")
-    # Free depth: prefer an aspect ratio hidden/layers near 64 (small LMs of this size sit around 48-96).
-    return min(candidates, key=lambda c: abs(math.log(c.hidden_size / c.num_layers / 64)))
+        raise ValueError(
+            f"no draft of the target's family fits {params:.3g} parameters (the embedding alone may not)"
+        )
+    # Free depth: among shapes using >= 90% of the budget, prefer hidden/layers near 64 (typical of small LMs).
+    closest = max(total for total, _ in candidates)
+    fitting = [shape for total, shape in candidates if total >= 0.9 * closest]
+    return min(fitting, key=lambda c: abs(math.log(c.hidden_size / c.num_layers / 64)))
 
 
 def save_draft(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
@@ -237,7 +258,8 @@ def check_compatible(target, draft, target_tokenizer=None, draft_tokenizer=None)
     if target_tokenizer is not None and draft_tokenizer is not None:
         t_vocab, d_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
         differing = sorted(
-            (t_vocab.get(tok), d_vocab.get(tok), tok) for tok in set(t_vocab) | set(d_vocab)
+            (t_vocab.get(tok), d_vocab.get(tok), tok)
+            for tok in set(t_vocab) | set(d_vocab)
             if t_vocab.get(tok) != d_vocab.get(tok)
         )
         if differing:
@@ -246,5 +268,6 @@ def check_compatible(target, draft, target_tokenizer=None, draft_tokenizer=None)
     if problems:
         raise IncompatibleDraftError(
             "draft is not vocabulary-compatible with the target, so speculative decoding would emit wrong tokens: "
-            + "; ".join(problems) + ". Derive the draft from this target (fastdraft_ray.models.draft.derive_draft_config)."
+            + "; ".join(problems)
+            + ". Derive the draft from this target (fastdraft_ray.models.draft.derive_draft_config)."
         )

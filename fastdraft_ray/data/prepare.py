@@ -1,0 +1,389 @@
+"""Prepare token shards with Ray Data: read -> tokenize (actor pool) -> mix, dedup, split, pack -> parquet + manifest.
+
+Pipeline: the sources are planned into small units (:mod:`.sources`) and interleaved in proportion to their
+token quotas (:mod:`.mixture`). Ray Data reads units in parallel tasks (dropping nothing yet, but flagging
+documents reserved for evaluation and hashing each text) and tokenizes them in an actor pool
+(``map_batches``), with ``preserve_order`` so the stream order is a pure function of the inputs and config.
+The driver consumes that stream: it enforces quotas, drops reserved and duplicate documents (exact text
+hash), routes documents to train/val, packs rows of ``seq_len + 1`` ids and writes shards.
+
+Memory stays flat: the driver holds one shard of rows, the dedup set (8 bytes per document hash plus Python
+set overhead) and Ray's bounded streaming buffers. After every train shard the driver checkpoints its state
+under ``<out>/.progress``; re-running the same prepare resumes from there without rewriting finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+
+from fastdraft_ray.config import DataConfig
+from fastdraft_ray.data import mixture, sources
+from fastdraft_ray.data.packing import Packer, ShardWriter
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fastdraft-ray/token-shards/v1"
+FLAG_OK, FLAG_RESERVED, FLAG_EMPTY = 0, 1, 2
+READ_CPUS = 0.25
+
+
+class PrepareError(RuntimeError):
+    """The output folder cannot be used (it holds a different dataset) or the result would be unusable."""
+
+
+class _Interrupted(Exception):
+    """Raised by the ``stop_after_shards`` hook (tests simulate a crash after a checkpoint)."""
+
+
+# ---------------------------------------------------------------------------------------------- Ray stages
+
+
+def _read_units(batch: dict) -> "pa.Table":
+    """Ray task: one unit -> a stream of document rows (reserved ones flagged, text emptied)."""
+    for k in range(len(batch["pos"])):
+        unit, pos, src, skip = json.loads(batch["unit"][k]), int(batch["pos"][k]), int(batch["src"][k]), int(batch["skip"][k])
+        rows: dict[str, list] = {c: [] for c in ("src", "pos", "idx", "flag", "hash", "replaced", "doc_id", "text",
+                                                  "messages")}
+        for idx, doc in enumerate(sources.read_unit(unit, skip), start=skip):
+            flag = FLAG_RESERVED if doc.reserved else FLAG_OK if doc.text.strip() else FLAG_EMPTY
+            digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()[:8]
+            for col, value in (("src", src), ("pos", pos), ("idx", idx), ("flag", flag),
+                               ("hash", int.from_bytes(digest, "little")), ("replaced", doc.replaced),
+                               ("doc_id", doc.doc_id), ("text", doc.text if flag == FLAG_OK else ""),
+                               ("messages", json.dumps(doc.messages) if doc.messages and flag == FLAG_OK else None)):
+                rows[col].append(value)
+            if len(rows["idx"]) >= 256:
+                yield _doc_table(rows)
+                rows = {c: [] for c in rows}
+        if rows["idx"]:
+            yield _doc_table(rows)
+
+
+def _doc_table(rows: dict) -> pa.Table:
+    types = {"src": pa.int32(), "pos": pa.int64(), "idx": pa.int64(), "flag": pa.int8(), "hash": pa.uint64(),
+             "replaced": pa.int64(), "doc_id": pa.string(), "text": pa.large_string(), "messages": pa.large_string()}
+    return pa.table({c: pa.array(rows[c], type=types[c]) for c in types})
+
+
+class Tokenize:
+    """Ray actor: text (or chat turns, via the target's chat template) -> ids + EOS, as a list<int32> column.
+
+    Fast tokenizers travel as their ``tokenizer.json`` string and load in well under a second without
+    importing transformers; the full HF tokenizer is loaded only for chat templates or slow tokenizers.
+    """
+
+    def __init__(self, tokenizer_spec: str, eos_id: int, backend_json: str | None = None,
+                 trust_remote_code: bool = False):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.spec, self.eos, self.trust = tokenizer_spec, eos_id, trust_remote_code
+        self._hf = None
+        self.backend = None
+        if backend_json is not None:
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(backend_json)
+
+    @property
+    def hf(self):
+        """The full Hugging Face tokenizer (loaded on first use)."""
+        if self._hf is None:
+            from fastdraft_ray.models.target import load_tokenizer
+
+            self._hf = load_tokenizer(self.spec, self.trust)
+        return self._hf
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without special tokens (the Rust backend when there is one)."""
+        if not texts:
+            return []
+        if self.backend is not None:
+            return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return self.hf(texts, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        flags = batch.column("flag").to_numpy()
+        keep = np.flatnonzero(flags == FLAG_OK)
+        texts_col, msgs_col = batch.column("text"), batch.column("messages")
+        texts = []
+        for i in keep:
+            msgs = msgs_col[int(i)].as_py()
+            texts.append(sources.format_chat(json.loads(msgs), self.hf) if msgs else texts_col[int(i)].as_py())
+        encoded = iter(self.encode(texts))
+        lengths = np.zeros(len(flags), np.int64)
+        chunks = []
+        for i in keep:
+            ids = next(encoded)
+            ids.append(self.eos)
+            chunks.append(ids)
+            lengths[i] = len(ids)
+        offsets = np.zeros(len(flags) + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.fromiter((t for c in chunks for t in c), np.int32, count=int(offsets[-1]))
+        ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+        return batch.drop_columns(["text", "messages"]).append_column("ids", ids)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _fingerprint(data: DataConfig, tok_hash: str, order: list) -> str:
+    payload = {"data": {k: v for k, v in asdict(data).items() if k not in ("output", "num_tokenizer_actors",
+                                                                          "tokenizer_actor_cpus", "tokenize_batch_size")},
+               "tokenizer": tok_hash, "units": [[name, unit] for name, unit in order]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _source_error(exc: BaseException) -> BaseException | None:
+    """The SourceError inside a Ray task failure, if any."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, sources.SourceError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    text = str(exc)
+    if "SourceError: " in text:
+        return sources.SourceError(text.split("SourceError: ", 1)[1].strip().splitlines()[0])
+    return None
+
+
+def _fs(path: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    fs, local = _fs(path)
+    fs.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    with fs.open(local + ".part", "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+    fs.mv(local + ".part", local)
+
+
+def _read_json(path: str) -> dict | None:
+    fs, local = _fs(path)
+    if not fs.exists(local):
+        return None
+    with fs.open(local, "r") as fh:
+        return json.load(fh)
+
+
+def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote_code: bool = False,
+            progress: bool = True, stop_after_shards: int | None = None) -> dict:
+    """Prepare shards for ``data`` with the tokenizer of ``tokenizer_spec`` into ``out_dir``; return the manifest.
+
+    Re-running with the same inputs returns the existing manifest, or resumes an interrupted run.
+    ``stop_after_shards`` interrupts after that many train shards (used to test resuming).
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
+
+    t0 = time.time()
+    out_dir = out_dir.rstrip("/")
+    if data.seq_len < 1 or data.rows_per_shard < 1 or not 0 <= data.val_fraction < 1:
+        raise PrepareError("need seq_len >= 1, rows_per_shard >= 1 and 0 <= val_fraction < 1")
+    tok = load_tokenizer(tokenizer_spec, trust_remote_code)
+    if tok.eos_token_id is None:
+        raise PrepareError(f"tokenizer of {tokenizer_spec} has no EOS token to separate documents")
+    tok_hash, row_len = tokenizer_fingerprint(tok), data.seq_len + 1
+    names = list(data.sources)
+    quota = mixture.quotas(names, data.weights, data.token_budget)
+    units = {name: sources.plan_units(data.sources[name], seed=data.seed) for name in names}
+    order = mixture.interleave(units, quota)
+    fp = _fingerprint(data, tok_hash, order)
+
+    done = _read_json(f"{out_dir}/manifest.json")
+    if done is not None:
+        if done.get("fingerprint") == fp:
+            log.info("%s is already prepared with these inputs; nothing to do", out_dir)
+            return done
+        raise PrepareError(f"{out_dir} already holds a prepared dataset made from different inputs or tokenizer; "
+                           "choose another data.output or delete the folder")
+    state = _read_json(f"{out_dir}/.progress/state.json")
+    if state is not None and state["fingerprint"] != fp:
+        raise PrepareError(f"{out_dir} holds an interrupted prepare of different inputs; delete {out_dir}/.progress "
+                           "and its shards, or choose another data.output")
+
+    weights = {n: float(data.weights[n]) if data.weights else 1.0 for n in names}
+    tallies = {n: mixture.SourceTally(n, data.sources[n], weights[n], quota[n], data.val_fraction) for n in names}
+    packers = {s: Packer(row_len) for s in ("train", "val")}
+    writers = {s: ShardWriter(out_dir, s, data.rows_per_shard) for s in ("train", "val")}
+    seen: set[int] = set()
+    new_hashes: list[int] = []
+    replaced_files: Counter = Counter()
+    position = [0, -1]  # (unit pos, doc idx) of the last consumed document
+    if state is not None:
+        position = state["position"]
+        for n, t in state["tallies"].items():
+            tallies[n] = mixture.SourceTally(**t)
+        replaced_files.update(state["replaced_files"])
+        carry = np.load(f"{out_dir}/.progress/carry.npz")
+        for s in ("train", "val"):
+            packers[s] = Packer(row_len, carry[f"{s}_carry"], state["segments"][s])
+            packers[s].emitted.update(state["emitted"][s])
+            writers[s] = ShardWriter(out_dir, s, data.rows_per_shard, state["shards"][s],
+                                     carry[f"{s}_pending"])
+        for k in range(state["checkpoint"] + 1):
+            seen.update(np.load(f"{out_dir}/.progress/seen-{k:05d}.npy").tolist())
+        log.info("resuming %s after %d train shards", out_dir, len(writers["train"].shards))
+    checkpoint = state["checkpoint"] if state else -1
+
+    def save_checkpoint() -> None:
+        nonlocal checkpoint, new_hashes
+        checkpoint += 1
+        fs, local = _fs(f"{out_dir}/.progress")
+        fs.makedirs(local, exist_ok=True)
+        with fs.open(f"{local}/seen-{checkpoint:05d}.npy", "wb") as fh:
+            np.save(fh, np.array(new_hashes, dtype=np.uint64))
+        with fs.open(f"{local}/carry.npz.part", "wb") as fh:
+            np.savez(fh, train_carry=packers["train"].carry(), val_carry=packers["val"].carry(),
+                     train_pending=writers["train"].pending_array(row_len),
+                     val_pending=writers["val"].pending_array(row_len))
+        fs.mv(f"{local}/carry.npz.part", f"{local}/carry.npz")
+        new_hashes = []
+        _write_json(f"{out_dir}/.progress/state.json", {
+            "fingerprint": fp, "checkpoint": checkpoint, "position": position,
+            "tallies": {n: t.to_dict() for n, t in tallies.items()}, "replaced_files": dict(replaced_files),
+            "segments": {s: packers[s].segments for s in packers}, "emitted": {s: dict(packers[s].emitted) for s in packers},
+            "shards": {s: writers[s].shards for s in writers}})
+
+    if not ray.is_initialized():
+        ray.init()
+    start = [(p, name, unit) for p, (name, unit) in enumerate(order) if p >= position[0]]
+    items = [{"pos": p, "src": names.index(name), "unit": json.dumps(unit),
+              "skip": position[1] + 1 if p == position[0] else 0} for p, name, unit in start]
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    actors = max(1, data.num_tokenizer_actors)
+    actor_cpus = max(0.05, min(data.tokenizer_actor_cpus, (cpus - 2 * READ_CPUS) / actors))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(_read_units, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
+    backend = getattr(tok, "backend_tokenizer", None)
+    ctor = (tokenizer_spec, tok.eos_token_id, backend.to_str() if backend is not None else None, trust_remote_code)
+    ds = ds.map_batches(Tokenize, fn_constructor_args=ctor, batch_format="pyarrow",
+                        batch_size=data.tokenize_batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=actor_cpus)
+    ds.context.execution_options.preserve_order = True
+    ds.context.target_max_block_size = 16 * 1024 * 1024
+    ds.context.enable_progress_bars = False
+    # Bound how far Ray runs ahead of the driver: work past the point where every quota is met is wasted.
+    ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
+        object_store_memory=data.max_buffer_mb * 1024 * 1024)
+
+    bar = tqdm(total=data.token_budget, initial=sum(t.taken for t in tallies.values()), unit="tok",
+               unit_scale=True, desc=f"prepare {os.path.basename(out_dir)}", disable=not progress)
+    unit_paths = [unit["path"] for _, unit in order]
+    shards_this_run = 0
+    received = [0, 0]  # documents and tokens that came out of the tokenizer pool (this run)
+    try:
+        for batch in (ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2) if items else []):
+            cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in
+                    ("src", "pos", "idx", "flag", "hash", "replaced")}
+            ids_col = batch.column("ids").combine_chunks()
+            offsets, values = ids_col.offsets.to_numpy(), ids_col.values.to_numpy(zero_copy_only=False)
+            received[0] += len(cols["pos"])
+            received[1] += int(offsets[-1] - offsets[0])
+            for i in range(len(cols["pos"])):
+                position = [int(cols["pos"][i]), int(cols["idx"][i])]
+                tally = tallies[names[cols["src"][i]]]
+                if tally.full:
+                    continue
+                tally.seen_documents += 1
+                if cols["replaced"][i]:
+                    tally.replaced_bytes += int(cols["replaced"][i])
+                    replaced_files[unit_paths[position[0]]] += int(cols["replaced"][i])
+                flag = cols["flag"][i]
+                if flag != FLAG_OK:
+                    tally.dropped["reserved_for_eval" if flag == FLAG_RESERVED else "empty"] += 1
+                    continue
+                h = int(cols["hash"][i])
+                if data.dedup:
+                    if h in seen:
+                        tally.dropped["duplicate"] += 1
+                        continue
+                    seen.add(h)
+                    new_hashes.append(h)
+                doc = values[offsets[i] : offsets[i + 1]]
+                keep, split = tally.take(len(doc))
+                if keep < len(doc):
+                    doc = np.append(doc[: keep - 1], doc[-1]) if keep > 1 else doc[-1:][:keep]
+                packers[split].add(doc, tally.name)
+                bar.update(keep)
+                wrote = writers[split].add(packers[split].pop_rows())
+                if wrote and split == "train":
+                    save_checkpoint()
+                    shards_this_run += wrote
+                    if stop_after_shards is not None and shards_this_run >= stop_after_shards:
+                        raise _Interrupted(f"stopped after {shards_this_run} shards")
+            if all(t.full for t in tallies.values()):
+                break
+    except _Interrupted:
+        raise
+    except Exception as exc:
+        err = _source_error(exc)
+        if err is not None:
+            raise sources.SourceError(str(err)) from None
+        raise
+    finally:
+        bar.close()
+
+    for name, t in tallies.items():
+        if t.taken == 0:
+            raise sources.SourceError(
+                f"source {name!r} ({t.spec}) is empty: no usable documents (read {t.seen_documents}; dropped "
+                f"{t.dropped['reserved_for_eval']} reserved for evaluation, {t.dropped['duplicate']} duplicates, "
+                f"{t.dropped['empty']} empty)")
+        if t.taken < t.quota:
+            log.warning("source %r ran out after %d of its %d tokens: proportions will differ from the weights",
+                        name, t.taken, t.quota)
+    for path, n in sorted(replaced_files.items()):
+        log.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, n)
+    tail = {s: dict(Counter(dict((src, n) for src, n in packers[s].segments))) for s in packers}
+    for s in writers:
+        writers[s].flush()
+    if not writers["val"].shards and data.val_fraction > 0:
+        log.warning("validation split is empty: raise data.val_fraction or data.token_budget")
+    split_tokens = {s: dict(packers[s].emitted) for s in packers}
+    manifest = {
+        "format": FORMAT, "tokenizer": tokenizer_spec, "tokenizer_name_or_path": str(tok.name_or_path),
+        "tokenizer_hash": tok_hash, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+        "seq_len": data.seq_len, "row_len": row_len, "column": "input_ids", "dtype": "int32",
+        "rows": {s: sum(x["rows"] for x in writers[s].shards) for s in writers},
+        "tokens": {s: sum(x["rows"] for x in writers[s].shards) * row_len for s in writers},
+        "splits": {s: {"rows": sum(x["rows"] for x in writers[s].shards),
+                       "tokens": sum(x["rows"] for x in writers[s].shards) * row_len,
+                       "documents": sum(t.documents[s] for t in tallies.values()),
+                       "shards": writers[s].shards} for s in writers},
+        "token_budget": data.token_budget, "weights": weights,
+        "sources": mixture.achieved(list(tallies.values()), split_tokens),
+        "dropped": {k: sum(t.dropped[k] for t in tallies.values()) for k in ("reserved_for_eval", "duplicate", "empty")},
+        "dropped_tail_tokens": {s: sum(tail[s].values()) for s in tail},
+        "replaced_bytes": dict(replaced_files), "received_this_run": {"documents": received[0], "tokens": received[1]},
+        "fingerprint": fp, "config": asdict(data),
+        "wall_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    _write_json(f"{out_dir}/manifest.json", manifest)
+    fs, local = _fs(f"{out_dir}/.progress")
+    if fs.exists(local):
+        fs.rm(local, recursive=True)
+    return manifest
+
+
+def default_output(run_dir: str, data: DataConfig) -> str:
+    """``data.output`` or ``<run_dir>/data/<data.name>``."""
+    return data.output or f"{run_dir.rstrip('/')}/data/{data.name}"
+

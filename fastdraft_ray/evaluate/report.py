@@ -1,0 +1,151 @@
+"""Evaluation reports in ``<run_dir>/eval/``: results.json, results.csv, results.md, results.png, DONE.json.
+
+``results.md`` holds one table per metric family (rows = draft x mode, columns = tasks) so it stays readable
+at four tasks; ``results.csv`` has one row per (draft, mode, task) with every metric; ``results.json`` adds
+the per-prompt records, the drafts' sizes and measured latencies, and the settings. ``run_dir`` may be a
+local path or a ``pyarrow.fs`` URI (``s3://...``): reports are written locally, then copied there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+from fastdraft_ray.evaluate.run import ALL, TABLE_METRICS, EvalResults
+
+LABELS = {"acceptance_rate": "α", "block_efficiency": "τ", "mbsu": "MBSU", "speedup": "speedup",
+          "hw_speedup": "hw speedup"}
+CSV_FIELDS = ("draft", "mode", "task", "prompts", "proposed", "accepted", "steps", "new_tokens", "acceptance_rate",
+              "block_efficiency", "ideal_block_efficiency", "mbsu", "hw_speedup", "hw_speedup_verify", "speedup",
+              "target_tokens_per_s", "spec_tokens_per_s", "matches_target", "wall_time_s", "base_wall_time_s",
+              "base_new_tokens")
+
+
+def _groups(results: EvalResults) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    for row in results.rows:
+        if (row["draft"], row["mode"]) not in seen:
+            seen.append((row["draft"], row["mode"]))
+    return seen
+
+
+def _value(results: EvalResults, draft: str, mode: str, task: str, metric: str) -> float | None:
+    for row in results.rows:
+        if (row["draft"], row["mode"], row["task"]) == (draft, mode, task):
+            return row[metric]
+    return None
+
+
+def markdown_table(results: EvalResults) -> str:
+    """One wide table: rows = draft x mode; columns = task x (α, τ, MBSU, speedup), then the pooled ``all``."""
+    tasks = [*results.tasks, ALL]
+    head = ["draft", "mode"] + [f"{t} {LABELS[m]}" for t in tasks for m in TABLE_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for draft, mode in _groups(results):
+        cells = [draft, mode]
+        for task in tasks:
+            for metric in TABLE_METRICS:
+                value = _value(results, draft, mode, task, metric)
+                cells.append("—" if value is None else f"{value:.3f}" if metric == "acceptance_rate" else f"{value:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(results: EvalResults) -> str:
+    s = results.settings
+    drafts = "\n".join(
+        f"| {d.name} | `{d.path}` | {d.params:,} | {d.c_params:.4f} | {d.draft_step_s * 1e3:.2f} | "
+        f"{d.target_step_s * 1e3:.2f} | {d.verify_step_s * 1e3:.2f} |" for d in results.drafts
+    )
+    return f"""# Speculative-decoding evaluation
+
+Target `{results.target}`; γ = {s['gamma']}; sampling at T = {s['temperature']} (top-p {s['top_p']}) and greedy;
+{s['prompts_per_task']} prompts per task ({s['source']} sources), up to {s['max_new_tokens']} new tokens;
+seed {s['seed']}; {s['num_workers']} worker(s); evaluation wall time {results.wall_time_s:.1f} s.
+
+α = accepted / proposed draft tokens; τ = tokens per target verify forward (bonus included);
+MBSU = τ / (γ·c + 1) with c = draft/target parameter bytes; speedup = wall-clock, target alone vs
+speculative, same prompts, per emitted token. `all` pools every prompt.
+
+{markdown_table(results)}
+
+| draft | path | params | c (bytes) | draft step ms | target step ms | verify (γ+1) ms |
+|---|---|---:|---:|---:|---:|---:|
+{drafts}
+"""
+
+
+def _plot(results: EvalResults, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [*results.tasks, ALL]
+    groups = _groups(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(len(groups), 1)
+    for ax, metric in zip(axes, ("acceptance_rate", "speedup"), strict=True):
+        for i, (draft, mode) in enumerate(groups):
+            values = [_value(results, draft, mode, t, metric) or 0.0 for t in tasks]
+            ax.bar([x + i * width for x in range(len(tasks))], values, width, label=f"{draft} ({mode})")
+        ax.set_xticks([x + width * (len(groups) - 1) / 2 for x in range(len(tasks))], tasks, rotation=15)
+        ax.set_title({"acceptance_rate": "acceptance rate α", "speedup": "wall-clock speedup"}[metric])
+        if metric == "speedup":
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"target {results.target}, γ={results.settings['gamma']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_local(results: EvalResults, out: Path, config: dict | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results.to_dict(), indent=1))
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results.rows)
+    (out / "results.md").write_text(_markdown(results))
+    _plot(results, out / "results.png")
+    metrics = {f"{d.name}/{mode}": results.metrics(d.name, mode) for d in results.drafts
+               for mode in results.settings["modes"]}
+    done = {"stage": "eval", "config": config, "metrics": metrics, "wall_time_s": results.wall_time_s,
+            "inputs": {"target": results.target, "drafts": [d.path for d in results.drafts]}}
+    (out / "DONE.json").write_text(json.dumps(done, indent=1))
+
+
+def write_report(results: EvalResults, run_dir: str, config: dict | None = None) -> str:
+    """Write every report file to ``<run_dir>/eval/`` and return that location."""
+    dest = f"{run_dir.rstrip('/')}/eval"
+    if "://" not in run_dir:
+        _write_local(results, Path(dest), config)
+        return dest
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_local(results, Path(tmp), config)
+        pyarrow.fs.copy_files(tmp, dest)
+    return dest
+
+
+def summary(results: EvalResults) -> str:
+    """A few lines for the console: per draft and mode, the pooled α, τ, MBSU and speedups."""
+    lines = [f"target {results.target}: γ={results.settings['gamma']}, {len(results.tasks)} tasks, "
+             f"{results.settings['prompts_per_task']} prompts each, {results.wall_time_s:.0f} s"]
+    for draft, mode in _groups(results):
+        row = next(r for r in results.rows if (r["draft"], r["mode"], r["task"]) == (draft, mode, ALL))
+        lines.append(
+            f"  {draft:<24} {mode:<8} α={row['acceptance_rate']:.3f}  τ={row['block_efficiency']:.2f}  "
+            f"MBSU={row['mbsu']:.2f}  hw={row['hw_speedup']:.2f}  wall-clock={row['speedup']:.2f}x  "
+            f"({row['spec_tokens_per_s']:.1f} vs {row['target_tokens_per_s']:.1f} tok/s)"
+        )
+        per_task = "  ".join(f"{r['task']}={r['acceptance_rate']:.2f}" for r in results.rows
+                             if (r["draft"], r["mode"]) == (draft, mode) and r["task"] != ALL)
+        lines.append(f"  {'':<24} {'':<8} α by task: {per_task}")
+    return "\n".join(lines)
+

@@ -1,0 +1,300 @@
+"""Evaluation harness: speculative decoding of the target with each draft over the four task families.
+
+For every prompt and decoding mode a worker runs the target alone (the baseline) and then each draft's
+speculative decoding, back to back on the same process and threads, so wall-clock ratios compare like with
+like. Per (draft, mode, task) it reports, with the definitions of DESIGN.md:
+
+- ``acceptance_rate`` alpha and ``block_efficiency`` tau (pooled counters over the task's prompts),
+- ``mbsu`` = tau / (gamma * c + 1), c = draft parameter bytes / target parameter bytes,
+- ``hw_speedup``: the same formula with c = measured draft step / target step latency
+  (``hw_speedup_verify`` also charges the measured (gamma+1)-token verify forward instead of one step),
+- ``speedup``: wall-clock, target-only time / speculative time for the same prompts. Generations stop at EOS,
+  so lengths can differ when sampling; both sides are therefore compared per emitted token
+  (time per token of the baseline / time per token of speculative decoding), which equals the plain time
+  ratio whenever the lengths match (always under greedy).
+
+``num_workers == 1`` runs in this process (CPU); more, or ``use_gpu``, spreads the prompts round-robin over Ray actors that each load
+the models once. Every prompt's sampling generator is seeded from ``(seed, prompt id)`` alone, so alpha, tau
+and the tokens do not depend on the worker count (only timings do).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastdraft_ray.config import EvaluateConfig, ModelConfig
+from fastdraft_ray.evaluate.tasks import EvalPrompt, load_tasks
+from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
+from fastdraft_ray.models.target import load_target, load_target_config, load_tokenizer
+from fastdraft_ray.specdec import stats as S
+from fastdraft_ray.specdec.decode import autoregressive_generate, speculative_generate
+
+log = logging.getLogger(__name__)
+
+MODES = ("sampling", "greedy")
+ALL = "all"  # pseudo-task pooling every prompt
+TABLE_METRICS = ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as configured; the message says what to change."""
+
+
+@dataclass
+class DraftInfo:
+    """A draft under evaluation: where it lives, its size, c, and latencies measured on the workers."""
+
+    name: str
+    path: str
+    params: int = 0
+    param_bytes: int = 0
+    c_params: float = 0.0
+    draft_step_s: float = 0.0
+    target_step_s: float = 0.0
+    verify_step_s: float = 0.0
+
+
+@dataclass
+class EvalResults:
+    """Everything an evaluation produced: per-prompt records, aggregated rows, drafts and settings."""
+
+    target: str
+    settings: dict
+    drafts: list[DraftInfo]
+    records: list[dict]
+    rows: list[dict] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def metrics(self, draft: str | None = None, mode: str = "sampling") -> dict[str, float]:
+        """Flat ``eval/<task>/<metric>`` dict for one draft (default: the first) and mode."""
+        draft = draft or self.drafts[0].name
+        out = {}
+        for row in self.rows:
+            if row["draft"] == draft and row["mode"] == mode:
+                for key in (*TABLE_METRICS, "hw_speedup"):
+                    out[f"eval/{row['task']}/{key}"] = row[key]
+        if not out:
+            raise KeyError(f"no results for draft {draft!r} in mode {mode!r}")
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (``results.json``)."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------- worker
+
+
+def _prompt_seed(seed: int, prompt_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{prompt_id}".encode()).digest()[:8], "big") >> 1
+
+
+class Evaluator:
+    """Holds the target and every draft (loaded once) and evaluates prompts; also the Ray actor body."""
+
+    def __init__(self, target: ModelConfig, drafts: dict[str, str], settings: dict, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if settings.get("use_gpu") and torch.cuda.is_available() else "cpu"
+        self.target, self.tokenizer = load_target(target.target, dtype=target.dtype, device=self.device,
+                                                  trust_remote_code=target.trust_remote_code)
+        self.drafts = {name: load_draft(path).to(self.device) for name, path in drafts.items()}
+        self.s = settings
+        gen_eos = getattr(self.target.generation_config, "eos_token_id", None)
+        self.eos = (gen_eos if gen_eos is not None else self.tokenizer.eos_token_id) if settings["stop_at_eos"] else None
+
+    def _ids(self, prompt: EvalPrompt) -> torch.Tensor:
+        return torch.tensor([prompt.input_ids], dtype=torch.long, device=self.device)
+
+    def latencies(self, prompt: EvalPrompt) -> dict[str, dict[str, float]]:
+        """Median step latencies on ``prompt``'s context, and warm every model up (first calls are slow)."""
+        ids, gamma = self._ids(prompt), self.s["gamma"]
+        target_step = S.measure_step_latency(self.target, ids, 1)
+        verify_step = S.measure_step_latency(self.target, ids, gamma + 1)
+        out = {}
+        for name, draft in self.drafts.items():
+            speculative_generate(self.target, draft, ids, gamma=gamma, max_new_tokens=gamma + 2)
+            out[name] = {"draft_step_s": S.measure_step_latency(draft, ids, 1), "target_step_s": target_step,
+                         "verify_step_s": verify_step}
+        return out
+
+    def run(self, prompts: list[EvalPrompt]) -> tuple[list[dict], dict]:
+        """Records for every (prompt, mode, draft), and the latencies measured on this worker."""
+        if not prompts:
+            return [], {}
+        lat = self.latencies(prompts[0])
+        records = []
+        for prompt in prompts:
+            ids = self._ids(prompt)
+            for mode in self.s["modes"]:
+                kw = {"max_new_tokens": self.s["max_new_tokens"], "eos_token_id": self.eos,
+                      "temperature": self.s["temperature"] if mode == "sampling" else 0.0, "top_p": self.s["top_p"]}
+                seed = _prompt_seed(self.s["seed"], prompt.id)
+                base = autoregressive_generate(self.target, ids, generator=self._gen(seed), **kw)
+                for name, draft in self.drafts.items():
+                    spec = speculative_generate(self.target, draft, ids, gamma=self.s["gamma"],
+                                                generator=self._gen(seed), **kw)
+                    st = spec.stats
+                    records.append({
+                        "task": prompt.task, "prompt_id": prompt.id, "prompt_tokens": len(prompt.input_ids),
+                        "draft": name, "mode": mode, "proposed": st.proposed, "accepted": st.accepted,
+                        "steps": st.steps, "new_tokens": st.new_tokens, "wall_time_s": st.wall_time_s,
+                        "draft_time_s": st.draft_time_s, "target_time_s": st.target_time_s,
+                        "draft_forwards": st.draft_forwards, "target_forwards": st.target_forwards,
+                        "base_new_tokens": base.stats.new_tokens, "base_wall_time_s": base.stats.wall_time_s,
+                        "matches_target": spec.tokens == base.tokens, "tokens": spec.tokens,
+                    })
+        return records, lat
+
+    def _gen(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def aggregate(records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: list[str]) -> list[dict]:
+    """Rows per (draft, mode, task) plus the pooled ``all`` task, with every metric of the module docstring."""
+    rows = []
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    for info in drafts:
+        for mode in modes:
+            for task in [*tasks, ALL]:
+                recs = [r for r in records if r["draft"] == info.name and r["mode"] == mode
+                        and (task == ALL or r["task"] == task)]
+                if recs:
+                    rows.append(_row(info, mode, task, recs, gamma))
+    return rows
+
+
+def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) -> dict:
+    tot = {k: sum(r[k] for r in recs) for k in ("proposed", "accepted", "steps", "new_tokens", "wall_time_s",
+                                                 "base_new_tokens", "base_wall_time_s")}
+    alpha = S.acceptance_rate(tot["accepted"], tot["proposed"])
+    tau = S.block_efficiency(tot["new_tokens"], tot["steps"])
+    base_per_token = tot["base_wall_time_s"] / max(tot["base_new_tokens"], 1)
+    spec_per_token = tot["wall_time_s"] / max(tot["new_tokens"], 1)
+    hw = S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s) if info.target_step_s else 0.0
+    hw_verify = (S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s, info.verify_step_s)
+                 if info.target_step_s else 0.0)
+    return {
+        "draft": info.name, "mode": mode, "task": task, "prompts": len(recs), **tot,
+        "acceptance_rate": alpha, "block_efficiency": tau, "ideal_block_efficiency": S.ideal_block_efficiency(alpha, gamma),
+        "mbsu": S.mbsu(tau, gamma, info.c_params), "hw_speedup": hw, "hw_speedup_verify": hw_verify,
+        "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,
+        "target_tokens_per_s": 1.0 / base_per_token if base_per_token else 0.0,
+        "spec_tokens_per_s": 1.0 / spec_per_token if spec_per_token else 0.0,
+        "matches_target": sum(bool(r["matches_target"]) for r in recs) / len(recs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def _draft_names(paths: list[str]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for path in paths:
+        base = Path(path).name or str(path)
+        name = base if base not in names else f"{base}#{len(names)}"
+        names[name] = str(path)
+    return names
+
+
+def _check_drafts(model: ModelConfig, drafts: dict[str, str], tokenizer) -> None:
+    """Fail early, on the driver, for a missing or vocabulary-incompatible draft (configs only, no weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    target_cfg = load_target_config(model.target, model.trust_remote_code)
+    for name, path in drafts.items():
+        if not (Path(path) / "config.json").exists():
+            raise EvaluationError(f"draft {name!r}: {path} is not an HF model folder (no config.json)")
+        draft_tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else None
+        check_compatible(target_cfg, AutoConfig.from_pretrained(path), tokenizer, draft_tok)
+
+
+def _threads(cfg: EvaluateConfig) -> int:
+    return cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+
+
+def _run_workers(model: ModelConfig, drafts: dict[str, str], settings: dict, prompts: list[EvalPrompt],
+                 cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
+    """Spread prompts round-robin over ``num_workers`` Ray actors (run here when 1 on CPU)."""
+    if cfg.num_workers == 1 and not cfg.use_gpu:
+        threads = cfg.cpus_per_worker  # 0: keep this process's thread setting
+        records, lat = Evaluator(model, drafts, settings, threads).run(prompts)
+        return records, [lat]
+    import ray
+
+    if not ray.is_initialized():
+        raise EvaluationError("evaluate.num_workers > 1 needs Ray: call ray.init() first (jobs/evaluate.py does)")
+    threads = _threads(cfg)
+    actor_cls = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0)(Evaluator)
+    shards = [prompts[i :: cfg.num_workers] for i in range(cfg.num_workers)]
+    actors = [actor_cls.remote(model, drafts, settings, threads) for shard in shards if shard]
+    try:
+        outputs = ray.get([a.run.remote(s) for a, s in zip(actors, [s for s in shards if s], strict=True)])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return [r for recs, _ in outputs for r in recs], [lat for _, lat in outputs]
+
+
+def evaluate(model: ModelConfig, draft_paths: list[str], cfg: EvaluateConfig,
+             prompts: dict[str, list[EvalPrompt]] | None = None) -> EvalResults:
+    """Evaluate each draft folder against ``model.target`` on the configured tasks and modes."""
+    start = time.perf_counter()
+    if not draft_paths:
+        raise EvaluationError("no draft to evaluate: set evaluate.drafts=[path, ...]")
+    modes = list(cfg.modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise EvaluationError(f"evaluate.modes={modes!r}: choose from {', '.join(MODES)}")
+    if "sampling" in modes and cfg.temperature <= 0:
+        raise EvaluationError("sampling mode needs evaluate.temperature > 0 (greedy is its own mode)")
+    if cfg.num_workers < 1 or cfg.gamma < 1 or cfg.max_new_tokens < 1:
+        raise EvaluationError("evaluate.num_workers, gamma and max_new_tokens must all be >= 1")
+    tokenizer = load_tokenizer(model.target, model.trust_remote_code)
+    drafts = _draft_names([str(p) for p in draft_paths])
+    _check_drafts(model, drafts, tokenizer)
+    if prompts is None:
+        prompts = load_tasks(tokenizer, cfg.tasks, cfg.prompts_per_task, cfg.seed, cfg.source,
+                             cfg.max_article_tokens, cfg.code_chat)
+    flat = [p for task_prompts in prompts.values() for p in task_prompts]
+    settings = {"gamma": cfg.gamma, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed, "modes": modes, "stop_at_eos": cfg.stop_at_eos,
+                "use_gpu": cfg.use_gpu, "num_workers": cfg.num_workers, "source": cfg.source,
+                "prompts_per_task": cfg.prompts_per_task}
+    log.info("evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)", len(drafts), len(flat),
+             len(modes), cfg.num_workers)
+    records, latencies = _run_workers(model, drafts, settings, flat, cfg)
+    order = {p.id: i for i, p in enumerate(flat)}
+    records.sort(key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"])))
+
+    target_bytes = _target_param_bytes(model)
+    infos = []
+    for name, path in drafts.items():
+        d_model = load_draft(path)
+        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model))
+        info.c_params = info.param_bytes / target_bytes
+        worker_lat = [lat[name] for lat in latencies if name in lat]
+        for key in ("draft_step_s", "target_step_s", "verify_step_s"):
+            setattr(info, key, sum(w[key] for w in worker_lat) / len(worker_lat) if worker_lat else 0.0)
+        infos.append(info)
+    tasks = list(prompts)
+    return EvalResults(model.target, settings, infos, records, aggregate(records, infos, cfg.gamma, tasks), tasks,
+                       time.perf_counter() - start)
+
+
+def _target_param_bytes(model: ModelConfig) -> int:
+    """Parameter bytes of the target in its configured dtype, counted on the meta device (no weights)."""
+    from fastdraft_ray.models.target import DTYPES
+
+    n = count_params(load_target_config(model.target, model.trust_remote_code)).total
+    return n * torch.tensor([], dtype=DTYPES[model.dtype]).element_size()

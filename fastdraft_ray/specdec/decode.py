@@ -1,0 +1,301 @@
+"""Lossless speculative decoding (batch 1) of any HF causal LM target with a vocabulary-compatible draft.
+
+Each step the draft proposes ``gamma`` tokens one at a time, the target scores them all in ONE forward, and
+``sampling.verify_greedy`` / ``sampling.verify_sampled`` keeps the longest acceptable prefix plus one target
+token (the correction, or the bonus token when everything was accepted). Greedy output is the target's own
+greedy output; sampled output has exactly the target's (temperature/top-p processed) distribution.
+
+Both models keep a ``transformers.DynamicCache`` for the whole generation; a rejection is undone with
+``cache.crop(-n)`` (transformers 5.x: a NEGATIVE n drops the last n positions; a positive n raises), never by
+recomputing. Invariant at the start of every step, with ``seq`` the prompt plus the tokens emitted so far:
+the target cache holds ``seq[:-1]``, so the verify forward is ``[seq[-1], d_1..d_g]`` and its g+1 logits give
+p(. | seq), p(. | seq, d_1), ..., p(. | seq, d_1..d_g); the draft cache holds ``seq`` minus its ``pending``
+tail (one token, or two after a full accept because the draft never ran its own last proposal ``d_g``).
+
+Greedy exactness holds up to floating point: the target scores a token inside a (g+1)-token chunk while plain
+decoding scores it alone, and fp32 matmuls of different shapes round differently (~1e-6 relative). The two
+can therefore pick different tokens only where the target's top-2 logits are within that rounding error of
+each other; ``first_divergence`` lets tests and benchmarks check that every divergence is such a near-tie.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from fastdraft_ray.models.draft import check_compatible
+from fastdraft_ray.specdec import stats as S
+from fastdraft_ray.specdec.sampling import (
+    VerifyFn,
+    check_sampling_args,
+    probs_from_logits,
+    sample,
+    verify_greedy,
+    verify_sampled,
+)
+
+
+# Largest top-2 logit gap at which fp32 rounding differences between chunked and one-token scoring are allowed
+# to flip a greedy choice (fp32 logits of magnitude ~10-30 carry ~1e-6 absolute error per op; 1e-4 is generous
+# yet far below the gaps of ordinary tokens, typically > 0.1).
+NEAR_TIE_LOGIT_GAP = 1e-4
+
+
+@dataclass
+class DecodeStats:
+    """Counters of one (or, after ``merge``, several) generations. Definitions: /work/shared/DESIGN.md."""
+
+    proposed: int = 0  # draft tokens proposed (sum over steps)
+    accepted: int = 0  # draft tokens accepted by the verification rule
+    steps: int = 0  # speculative steps (= target verify forwards after prefill)
+    target_forwards: int = 0  # all target forward calls incl. prefill
+    draft_forwards: int = 0  # all draft forward calls incl. prefill
+    new_tokens: int = 0  # tokens emitted
+    draft_time_s: float = 0.0
+    target_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    accepted_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """alpha = accepted / proposed (0.0 when nothing was proposed)."""
+        return S.acceptance_rate(self.accepted, self.proposed)
+
+    @property
+    def block_efficiency(self) -> float:
+        """tau = tokens emitted per target verify forward, bonus/correction token included."""
+        return S.block_efficiency(self.new_tokens, self.steps)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Emitted tokens per second of wall time (0.0 before anything ran)."""
+        return self.new_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def merge(self, other: DecodeStats) -> DecodeStats:
+        """A new ``DecodeStats`` with every counter summed (aggregating prompts)."""
+        return DecodeStats(
+            proposed=self.proposed + other.proposed,
+            accepted=self.accepted + other.accepted,
+            steps=self.steps + other.steps,
+            target_forwards=self.target_forwards + other.target_forwards,
+            draft_forwards=self.draft_forwards + other.draft_forwards,
+            new_tokens=self.new_tokens + other.new_tokens,
+            draft_time_s=self.draft_time_s + other.draft_time_s,
+            target_time_s=self.target_time_s + other.target_time_s,
+            wall_time_s=self.wall_time_s + other.wall_time_s,
+            accepted_per_step=self.accepted_per_step + other.accepted_per_step,
+        )
+
+
+@dataclass
+class DecodeResult:
+    """New tokens only (prompt excluded) and the counters of the run."""
+
+    tokens: list[int]
+    stats: DecodeStats
+
+
+class _Runner:
+    """One model with its KV cache: a forward call that appends to the cache and returns the last k logits."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_logits = "logits_to_keep" in params
+        self.cache = DynamicCache(config=model.config)
+        self.device = next(model.parameters()).device
+        self.checked = False
+        self.forwards = 0
+        self.seconds = 0.0
+
+    def __call__(self, ids: list[int] | torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Feed ``ids`` (1-D) after the cached positions; return the logits of the last ``keep`` positions."""
+        t0 = time.perf_counter()
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
+        kwargs = {self.cache_kw: self.cache, "use_cache": True}
+        if self.keep_logits:
+            kwargs["logits_to_keep"] = keep
+        logits = self.model(input_ids=ids, **kwargs).logits[0, -keep:]
+        if not self.checked:  # layers only know whether they can roll back once they hold something
+            self.checked = True
+            if not self.cache.is_croppable:
+                raise ValueError(
+                    f"{type(self.model).__name__} keeps a cache that cannot be rolled back (recurrent/linear "
+                    "attention layers): speculative decoding needs to crop rejected positions"
+                )
+            self.cache.activate_past_recording()  # sliding-window layers keep states until the next crop
+        self.forwards += 1
+        self.seconds += time.perf_counter() - t0
+        return logits
+
+    def crop(self, n: int) -> None:
+        """Drop the last ``n`` >= 0 cached positions (``crop(0)`` also trims sliding-window layers)."""
+        self.cache.crop(-n)
+
+
+def _eos_set(eos_token_id: int | list[int] | None) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    return frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+
+
+def _check_inputs(input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float) -> list[int]:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must have shape (1, n >= 1) (batch 1 only), got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_sampling_args(temperature, top_p)
+    return input_ids[0].tolist()
+
+
+def _truncate_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int], bool]:
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    *,
+    gamma: int = 3,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+    _verify: VerifyFn = verify_sampled,
+) -> DecodeResult:
+    """Generate up to ``max_new_tokens`` tokens of ``target`` after ``input_ids`` (shape (1, n)), drafting with
+    ``draft``, losslessly.
+
+    ``temperature`` 0 = greedy; otherwise sampling from softmax(logits / T) within the top-p nucleus, with all
+    randomness from ``generator``. Generation stops after the first token in ``eos_token_id`` (included;
+    ``None`` = never stop early) or at ``max_new_tokens``; the last step proposes fewer than ``gamma`` tokens
+    when fewer are needed, so nothing is computed past the budget. ``_verify`` swaps the sampling rule (tests).
+    """
+    prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1 draft token per step, got {gamma}")
+    check_compatible(target, draft)
+    eos, greedy = _eos_set(eos_token_id), temperature == 0.0
+    t_run, d_run = _Runner(target), _Runner(draft)
+    stats = DecodeStats()
+    out: list[int] = []
+    wall0 = time.perf_counter()
+
+    if len(prompt) > 1:  # prefill everything but the last prompt token: it opens the first verify forward
+        t_run(prompt[:-1])
+        d_run(prompt[:-1])
+    last, pending = prompt[-1], [prompt[-1]]  # pending: tokens the draft cache has not seen yet
+
+    while len(out) < max_new_tokens:
+        g = min(gamma, max_new_tokens - len(out) - 1)
+        drafted: list[int] = []
+        q_rows: list[torch.Tensor] = []
+        feed = pending
+        for _ in range(g):
+            logits = d_run(feed)[-1]
+            if greedy:
+                tok = int(logits.argmax())
+            else:
+                q = probs_from_logits(logits, temperature, top_p)
+                tok = sample(q, generator)
+                q_rows.append(q)
+            drafted.append(tok)
+            feed = [tok]
+        # Draft cache now holds seq + d_1..d_{g-1} (when g > 0).
+
+        target_logits = t_run([last, *drafted], keep=g + 1)
+        drafted_t = torch.tensor(drafted, dtype=torch.long)
+        if greedy:
+            n, nxt = verify_greedy(target_logits, drafted_t)
+        else:
+            p = probs_from_logits(target_logits, temperature, top_p)
+            q = torch.stack(q_rows) if q_rows else p[:0]
+            n, nxt = _verify(p, q, drafted_t, generator)
+
+        # Roll back: the target cache must hold seq + d_1..d_n, the draft's the same minus its pending tail.
+        t_run.crop(g - n)
+        if g == 0:
+            pending = [*pending, nxt]
+        elif n < g:
+            d_run.crop(g - 1 - n)
+            pending = [nxt]
+        else:
+            d_run.crop(0)
+            pending = [drafted[-1], nxt]
+        last = nxt
+
+        stats.steps += 1
+        stats.proposed += g
+        stats.accepted += n
+        stats.accepted_per_step.append(n)
+        emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
+        out.extend(emitted)
+        if hit_eos:
+            break
+
+    stats.new_tokens = len(out)
+    stats.target_forwards, stats.target_time_s = t_run.forwards, t_run.seconds
+    stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
+    stats.wall_time_s = time.perf_counter() - wall0
+    return DecodeResult(out, stats)
+
+
+@torch.inference_mode()
+def autoregressive_generate(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> DecodeResult:
+    """Target-only baseline: one token per forward with a KV cache, the same sampling code and stopping rules
+    as ``speculative_generate``. ``stats.steps`` counts token-emitting forwards (the prefill emits the first)."""
+    prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
+    eos, greedy = _eos_set(eos_token_id), temperature == 0.0
+    run = _Runner(model)
+    out: list[int] = []
+    wall0 = time.perf_counter()
+    feed = prompt
+    while len(out) < max_new_tokens:
+        logits = run(feed)[-1]
+        tok = int(logits.argmax()) if greedy else sample(probs_from_logits(logits, temperature, top_p), generator)
+        out.append(tok)
+        feed = [tok]
+        if tok in eos:
+            break
+    stats = DecodeStats(steps=len(out), target_forwards=run.forwards, new_tokens=len(out))
+    stats.target_time_s, stats.wall_time_s = run.seconds, time.perf_counter() - wall0
+    return DecodeResult(out, stats)
+
+
+@torch.inference_mode()
+def first_divergence(
+    model: PreTrainedModel, input_ids: torch.LongTensor, reference: list[int], candidate: list[int]
+) -> tuple[int, float] | None:
+    """Where two greedy continuations of ``input_ids`` first differ, and the target's top-2 logit gap there.
+
+    Returns ``None`` when one is a prefix of the other, else ``(position, gap)`` where ``gap`` is
+    top1 - top2 of ``model``'s logits after the common prefix (one full forward, no cache). A divergence is
+    a floating-point near-tie, not a bug, only when ``gap`` is tiny (tests use ``NEAR_TIE_LOGIT_GAP``).
+    """
+    pos = next((i for i, (a, b) in enumerate(zip(reference, candidate, strict=False)) if a != b), None)
+    if pos is None:
+        return None
+    ids = torch.cat([input_ids[0], torch.tensor(reference[:pos], dtype=torch.long)]).view(1, -1)
+    top2 = model(input_ids=ids.to(next(model.parameters()).device)).logits[0, -1].float().topk(2).values
+    return pos, float(top2[0] - top2[1])
+

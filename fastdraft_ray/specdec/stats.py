@@ -1,0 +1,131 @@
+"""Speculative-decoding metrics, exactly as defined in DESIGN.md ("Definitions").
+
+- acceptance rate alpha = accepted draft tokens / proposed draft tokens
+- block efficiency tau = tokens emitted per target verify forward (bonus token included);
+  ideal tau(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)  (Leviathan et al. 2023, eq. 1)
+- c = draft cost / target cost; MBSU = tau / (gamma * c + 1) with c from parameter bytes (memory-bound);
+  hardware-aware speedup: the same formula with c = measured draft step / measured target step latency
+- wall-clock speedup = target-only time / speculative time on the same prompts
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from fastdraft_ray.models.draft import param_bytes
+
+
+def _check_count(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def acceptance_rate(accepted: int, proposed: int) -> float:
+    """alpha = accepted / proposed; 0.0 when nothing was proposed."""
+    _check_count("accepted", accepted)
+    _check_count("proposed", proposed)
+    if accepted > proposed:
+        raise ValueError(f"accepted ({accepted}) cannot exceed proposed ({proposed})")
+    return accepted / proposed if proposed else 0.0
+
+
+def block_efficiency(new_tokens: int, verify_forwards: int) -> float:
+    """tau = tokens emitted / target verify forwards; 0.0 when there was no verify forward."""
+    _check_count("new_tokens", new_tokens)
+    _check_count("verify_forwards", verify_forwards)
+    return new_tokens / verify_forwards if verify_forwards else 0.0
+
+
+def ideal_block_efficiency(alpha: float, gamma: int) -> float:
+    """Expected tau for i.i.d. acceptance with rate ``alpha``: (1 - alpha^(gamma+1)) / (1 - alpha); gamma+1 at 1."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_count("gamma", gamma)
+    if alpha == 1.0:
+        return float(gamma + 1)
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def cost_ratio_from_params(draft: PreTrainedModel, target: PreTrainedModel) -> float:
+    """c for MBSU: draft parameter bytes / target parameter bytes (memory-bound decoding)."""
+    return param_bytes(draft) / param_bytes(target)
+
+
+def mbsu(tau: float, gamma: int, c: float) -> float:
+    """Memory-bound speedup tau / (gamma * c + 1)."""
+    _check_count("tau", tau)
+    _check_count("gamma", gamma)
+    _check_count("c", c)
+    return tau / (gamma * c + 1.0)
+
+
+def hardware_speedup(
+    tau: float, gamma: int, draft_step_s: float, target_step_s: float, verify_step_s: float | None = None
+) -> float:
+    """tau / (gamma * c + 1) with c = measured draft step / target step latency.
+
+    ``verify_step_s`` (optional): measured latency of the (gamma+1)-token verify forward, replacing the "+1"
+    (one target step) in the denominator; on CPUs scoring several tokens is not free (DATA.md), so this is
+    the closer estimate there: tau * target_step / (gamma * draft_step + verify_step).
+    """
+    if not target_step_s > 0:
+        raise ValueError(f"target_step_s must be > 0, got {target_step_s}")
+    _check_count("draft_step_s", draft_step_s)
+    if verify_step_s is None:
+        return mbsu(tau, gamma, draft_step_s / target_step_s)
+    _check_count("tau", tau)
+    return tau * target_step_s / (gamma * draft_step_s + verify_step_s)
+
+
+def wallclock_speedup(target_only_s: float, speculative_s: float) -> float:
+    """Target-only time / speculative time for the same prompts and token counts."""
+    _check_count("target_only_s", target_only_s)
+    if not speculative_s > 0:
+        raise ValueError(f"speculative_s must be > 0, got {speculative_s}")
+    return target_only_s / speculative_s
+
+
+def best_gamma(alpha: float, c: float, max_gamma: int = 8) -> tuple[int, float]:
+    """The gamma in 1..max_gamma maximising ideal tau(alpha, gamma) / (gamma * c + 1), with that speedup.
+
+    Returns ``(0, 1.0)`` when no gamma beats plain decoding (speedup <= 1).
+    """
+    if max_gamma < 1:
+        raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+    best = max(((g, mbsu(ideal_block_efficiency(alpha, g), g, c)) for g in range(1, max_gamma + 1)),
+               key=lambda gs: gs[1])
+    return best if best[1] > 1.0 else (0, 1.0)
+
+
+@torch.inference_mode()
+def measure_step_latency(
+    model: PreTrainedModel, input_ids: torch.LongTensor, n_tokens: int = 1, repeats: int = 7, warmup: int = 2
+) -> float:
+    """Median seconds of one forward of ``n_tokens`` new tokens on top of a warm KV cache holding ``input_ids``.
+
+    The cache is cropped back after every timed forward, so each repeat sees the same context length.
+    ``n_tokens=1`` is a decode step (draft or target step); ``n_tokens=gamma+1`` is a verify forward.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
+    if n_tokens < 1 or repeats < 1:
+        raise ValueError(f"n_tokens and repeats must be >= 1, got {n_tokens}, {repeats}")
+    from fastdraft_ray.specdec.decode import _Runner  # decode imports this module
+
+    run = _Runner(model)
+    run(input_ids[0])
+    step = input_ids[0, -1:].repeat(n_tokens)
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        run(step, keep=n_tokens)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        run.crop(n_tokens)
+    return statistics.median(times)

@@ -1,0 +1,244 @@
+"""The per-worker training loop (Ray Train V2 ``train_fn_per_worker``): DeepSpeed engine, token budget,
+validation, TensorBoard, checkpoints with the data position, resume, and the final HF export.
+
+``config`` (built by ``fastdraft_ray.train.run.train_stage``) holds:
+  run            the stage's RunConfig as a dict (``train`` section drives everything here)
+  init_dir       HF folder the draft starts from (weights + the target's tokenizer)
+  stage_dir      ``<run_dir>/<stage>``: TensorBoard in ``tb/``, the export in ``export/`` (shared storage)
+  seq_len, rows_per_epoch, data_start_row   data geometry (see ``position.py``)
+  trace_dir      optional: every rank appends one JSON line per optimizer step (rows trained, loss) -- an audit
+                 log used by the fault-tolerance test
+  fail_at        optional test hook ``{"rank", "step", "marker"}``: that rank's process dies (``os._exit``) right
+                 after that step, once (the marker file remembers it) -- a real process death, not an exception
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from fastdraft_ray.config import TrainConfig, config_from_dict
+from fastdraft_ray.train.losses import lm_loss
+from fastdraft_ray.train.position import DataPosition, Geometry, row_id
+
+log = logging.getLogger(__name__)
+DS_TAG = "ds"
+STATE_FILE = "train_state.json"
+
+
+def _mean_across(values: list[float]) -> list[float]:
+    """Average scalars over all workers (one all-reduce)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def _as_rows(batch) -> np.ndarray:
+    """The ``input_ids`` column of a numpy batch as a 2-D int32 array."""
+    col = batch["input_ids"]
+    return np.stack(col).astype(np.int32, copy=False) if col.dtype == object else col.astype(np.int32, copy=False)
+
+
+def _batches(iterator, geo: Geometry, skip_rows: int):
+    """Global micro-batches (``world x micro`` rows, as int32 numpy) after discarding ``skip_rows`` rows."""
+    if skip_rows % geo.rows_per_micro_step:
+        raise ValueError(f"cannot resume {skip_rows} rows into the stream: not a whole global micro-batch")
+    to_skip = skip_rows // geo.rows_per_micro_step
+    for batch in iterator.iter_batches(batch_size=geo.rows_per_micro_step, batch_format="numpy", drop_last=True):
+        if to_skip:
+            to_skip -= 1
+            continue
+        yield _as_rows(batch)
+
+
+def _val_rows(geo: Geometry, n_rows: int) -> np.ndarray | None:
+    """The first ``n_rows`` of the val split (trimmed to whole global micro-batches), or None if there is none."""
+    shard = ray.train.get_dataset_shard("val")
+    if shard is None or n_rows <= 0:
+        return None
+    chunks, have = [], 0
+    for batch in shard.iter_batches(batch_size=geo.rows_per_micro_step, batch_format="numpy"):
+        chunks.append(_as_rows(batch))
+        have += len(chunks[-1])
+        if have >= n_rows:
+            break
+    if not chunks:
+        return None
+    rows = np.concatenate(chunks)[:n_rows]
+    rows = rows[: len(rows) // geo.rows_per_micro_step * geo.rows_per_micro_step]
+    return rows if len(rows) else None
+
+
+@torch.no_grad()
+def _validate(engine, rows: np.ndarray | None, geo: Geometry, rank: int) -> float | None:
+    """Mean next-token loss on the validation rows; every rank scores its slice of each micro-batch."""
+    if rows is None:
+        return None
+    engine.eval()
+    total = 0.0
+    for start in range(0, len(rows), geo.rows_per_micro_step):
+        mine = rows[start: start + geo.rows_per_micro_step][geo.worker_slice(rank)]
+        total += lm_loss(engine, torch.from_numpy(mine)).item()
+    engine.train()
+    return _mean_across([total / (len(rows) // geo.rows_per_micro_step)])[0]
+
+
+def _save(engine, position: DataPosition, geo: Geometry, metrics: dict, rank: int) -> None:
+    """DeepSpeed checkpoint (every rank writes its part) + data position, reported to Ray Train."""
+    tmp = tempfile.mkdtemp(prefix="fastdraft-ckpt-")
+    try:
+        engine.save_checkpoint(tmp, tag=DS_TAG)
+        if rank == 0:
+            state = {"position": position.to_dict(), "geometry": geo.to_dict(), "metrics": metrics}
+            Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{position.step:08d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore(engine, checkpoint, geo: Geometry) -> tuple[DataPosition, dict]:
+    with checkpoint.as_directory() as ckpt_dir:
+        state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+        if state["geometry"] != geo.to_dict():
+            raise RuntimeError(f"checkpoint geometry {state['geometry']} differs from this run's {geo.to_dict()}: "
+                               "resume with the same num_workers, micro_batch_size, grad_accum_steps and seq_len")
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir}")
+    return DataPosition.from_dict(state["position"]), state.get("metrics", {})
+
+
+def _export(engine, init_dir: str, out_dir: Path, train: TrainConfig, rank: int) -> None:
+    """Rank 0 writes the trained draft as a plain HF folder (fp32 safetensors + the target's tokenizer)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastdraft_ray.models.draft import save_draft
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=train.zero_stage == 3):
+        if rank == 0:
+            state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    if rank == 0:
+        model = AutoModelForCausalLM.from_config(engine.module.config, dtype=torch.float32)
+        model.load_state_dict(state)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_draft(model.eval(), AutoTokenizer.from_pretrained(init_dir), tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+
+
+class _Trace:
+    """Optional per-rank audit log: one JSON line per optimizer step."""
+
+    def __init__(self, trace_dir: str | None, rank: int):
+        self.path = Path(trace_dir, f"rank{rank}.jsonl") if trace_dir else None
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"pid": os.getpid(), **record}) + "\n")
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Train the draft for the stage's token budget; resumes from ``ray.train.get_checkpoint()``."""
+    import deepspeed
+
+    from fastdraft_ray.models.draft import load_draft
+    from fastdraft_ray.train.deepspeed import deepspeed_config
+
+    train = config_from_dict(config["run"]).train
+    torch.set_num_threads(train.cpus_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    geo = Geometry(world, train.micro_batch_size, train.grad_accum_steps, int(config["seq_len"]))
+    total_steps = geo.total_steps(train.token_budget)
+    torch.manual_seed(train.seed)
+
+    model = load_draft(config["init_dir"]).train()
+    model.config.use_cache = False
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train, total_steps))
+    position, last_metrics = DataPosition(0, 0, int(config["rows_per_epoch"])), {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        position, last_metrics = _restore(engine, checkpoint, geo)
+    resumed_at = position.step
+    stage_dir = Path(config["stage_dir"])
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(stage_dir / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
+        log.info("rank 0: %d workers, %d steps of %d tokens, starting at step %d (row %d)", world, total_steps,
+                 geo.tokens_per_step, resumed_at, position.rows_consumed)
+    trace = _Trace(config.get("trace_dir"), rank)
+    fail_at = config.get("fail_at") or {}
+    val_rows = _val_rows(geo, train.val_rows)
+
+    start_row = int(config.get("data_start_row", 0))
+    batches = _batches(ray.train.get_dataset_shard("train"), geo, position.rows_consumed - start_row)
+    window_time, window_steps, val_loss = 0.0, 0, last_metrics.get("val/loss")
+    step = position.step
+    while step < total_steps:
+        t0 = time.perf_counter()
+        losses, ids = [], []
+        for _ in range(geo.grad_accum_steps):
+            try:
+                rows = next(batches)[geo.worker_slice(rank)]
+            except StopIteration as exc:
+                raise RuntimeError(f"training data ran out at step {step + 1} of {total_steps}") from exc
+            loss = lm_loss(engine, torch.from_numpy(rows))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            ids += [row_id(r) for r in rows] if trace.path else []
+        step += 1
+        lr = scheduler.get_last_lr()[0] if scheduler is not None else train.lr
+        window_time += time.perf_counter() - t0
+        window_steps += 1
+        position = DataPosition(step, step * geo.rows_per_step, position.rows_per_epoch)
+        mean_loss = _mean_across([float(np.mean(losses))])[0]
+        trace.write(step=step, rank=rank, rows=ids, loss=mean_loss, local_loss=float(np.mean(losses)),
+                    resumed_at=resumed_at, node=ray.get_runtime_context().get_node_id() if trace.path else None)
+        if writer is not None and (step % train.log_every == 0 or step == total_steps):
+            tokens_per_s = window_steps * geo.tokens_per_step / max(window_time, 1e-9)
+            for name, value in (("train/loss", mean_loss), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s),
+                                ("train/samples_seen", position.rows_consumed),
+                                ("train/tokens_seen", position.rows_consumed * geo.seq_len)):
+                writer.add_scalar(name, value, step)
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, total_steps, mean_loss, lr, tokens_per_s)
+            window_time, window_steps = 0.0, 0
+        if step % train.eval_every == 0 or step == total_steps:
+            val_loss = _validate(engine, val_rows, geo, rank)
+            if writer is not None and val_loss is not None:
+                writer.add_scalar("val/loss", val_loss, step)
+        metrics = {"step": step, "train/loss": mean_loss, "train/lr": lr, "val/loss": val_loss,
+                   "train/tokens_seen": position.rows_consumed * geo.seq_len,
+                   "train/samples_seen": position.rows_consumed}
+        if step == total_steps:
+            _export(engine, config["init_dir"], stage_dir / "export", train, rank)
+        if step % train.checkpoint_every == 0 or step == total_steps:
+            _save(engine, position, geo, metrics, rank)
+        if fail_at and rank == fail_at["rank"] and step == fail_at["step"] and not Path(fail_at["marker"]).exists():
+            Path(fail_at["marker"]).write_text(str(os.getpid()))
+            os._exit(1)
+    if resumed_at == total_steps:  # the final checkpoint exists: only make sure the export does too
+        _export(engine, config["init_dir"], stage_dir / "export", train, rank)
+    if writer is not None:
+        writer.close()

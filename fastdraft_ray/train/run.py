@@ -1,0 +1,205 @@
+"""Driver side of one training stage (PT, CP): prepare the initial draft, build the datasets, run the
+``TorchTrainer``, and write the stage's ``DONE.json``.
+
+Run-directory layout of a stage (``<run_dir>/<stage>/`` is also Ray Train's run folder, so the same run name
+resumes the same run):
+
+  init/          the draft the stage starts from (PT: random, derived from the target; CP: the PT export)
+  step_<N>/      Ray Train checkpoints: DeepSpeed state (``ds/``) + ``train_state.json`` (data position)
+  tb/            TensorBoard scalars (train/loss, train/tokens_per_s, train/lr, val/loss, samples/tokens seen)
+  export/        the trained draft as a plain HF folder (safetensors + the target's tokenizer): the hand-off
+  DONE.json      config, metrics, wall time, input fingerprints; present only once the stage finished
+
+Storage must be visible to every node (local disk on one machine, NFS on several).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from fastdraft_ray.config import RunConfig, to_dict
+from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
+
+log = logging.getLogger(__name__)
+STAGES = ("pt", "cp", "ft")
+
+
+def stage_dir(cfg: RunConfig, stage: str | None = None) -> Path:
+    """``<run_dir>/<stage>`` as an absolute path."""
+    return (Path(cfg.run_dir).expanduser() / (stage or cfg.train.stage)).resolve()
+
+
+def completed_record(cfg: RunConfig) -> dict | None:
+    """The stage's DONE.json if it finished with this same config; raises if it finished with another one."""
+    done = stage_dir(cfg) / "DONE.json"
+    if not done.exists():
+        return None
+    record = json.loads(done.read_text())
+    if record.get("config") != to_dict(cfg):
+        raise ValueError(f"{done} records a finished run with a different config; choose another run_name "
+                         "(or delete that stage folder to retrain it)")
+    return record
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_init(cfg: RunConfig, out: Path, init_from: str | None) -> Path:
+    """Write the stage's starting draft to ``out``: a copy of ``init_from`` or a fresh draft derived from the
+    target (``cfg.draft`` shape, ``cfg.train.seed``), with the target's tokenizer. Idempotent."""
+    from fastdraft_ray.models.draft import build_draft, check_compatible, derive_draft_config, draft_for_budget
+    from fastdraft_ray.models.draft import load_draft, save_draft
+    from fastdraft_ray.models.target import load_target_config, load_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    tokenizer = load_tokenizer(cfg.model.target, cfg.model.trust_remote_code)
+    target_config = load_target_config(cfg.model.target, cfg.model.trust_remote_code)
+    if init_from:
+        draft = load_draft(init_from)
+    else:
+        shape = draft_for_budget(target_config, cfg.draft.params_budget) if cfg.draft.params_budget else cfg.draft
+        draft = build_draft(derive_draft_config(target_config, shape), seed=cfg.train.seed)
+    check_compatible(target_config, draft)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_draft(draft, tokenizer, tmp)
+    tmp.rename(out)
+    return out
+
+
+def _resume_position(sdir: Path) -> DataPosition | None:
+    """Data position of the latest checkpoint Ray Train registered for this run, if any."""
+    from ray.train import Result
+
+    if not (sdir / ".").exists():
+        return None
+    try:
+        checkpoint = Result.from_path(str(sdir)).checkpoint
+    except RuntimeError:
+        return None
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as ckpt_dir:
+        state = json.loads(Path(ckpt_dir, "train_state.json").read_text())
+    return DataPosition.from_dict(state["position"])
+
+
+def build_datasets(data_dir: str, cfg: RunConfig, start_row: int, end_row: int, tokenizer_hash: str,
+                   rows_per_epoch: int) -> dict:
+    """``{"train": rows [start_row, end_row) of the global order, "val": the val split}`` as Ray Datasets."""
+    from fastdraft_ray.data.stream import read_manifest, training_dataset
+
+    parts = [training_dataset(data_dir, split="train", seed=cfg.train.seed, epoch=epoch, skip_rows=skip,
+                              expected_tokenizer_hash=tokenizer_hash)
+             for epoch, skip in epoch_plan(start_row, end_row, rows_per_epoch)]
+    train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    datasets = {"train": train}
+    if cfg.train.val_rows > 0 and _split_rows(read_manifest(data_dir), "val"):
+        datasets["val"] = training_dataset(data_dir, split="val", seed=0, epoch=0,
+                                           expected_tokenizer_hash=tokenizer_hash)
+    return datasets
+
+
+def _split_rows(manifest: dict, split: str) -> int:
+    """Rows of a split, 0 if the shard folder has no such split."""
+    return int(manifest.get("splits", {}).get(split, {}).get("rows", 0))
+
+
+def _check_cpus(tc) -> None:
+    """Warn when the training workers would take every CPU: Ray Data's read tasks then cannot run."""
+    import ray
+
+    if tc.use_gpu:
+        return
+    total, needed = ray.cluster_resources().get("CPU", 0), tc.num_workers * tc.cpus_per_worker
+    if total - needed < 0.25:
+        log.warning("the cluster has %s CPUs and the %d training workers take %s: nothing is left for reading the "
+                    "token shards (Ray Data), so training may wait forever. Add a CPU (ray.init(num_cpus=...) "
+                    "counts logical CPUs) or lower train.cpus_per_worker/num_workers.", total, tc.num_workers, needed)
+
+
+def train_stage(cfg: RunConfig, data_dir: str, *, init_from: str | None = None,
+                extra_loop_config: dict | None = None) -> dict:
+    """Train stage ``cfg.train.stage`` on the prepared shards in ``data_dir``; returns the DONE.json record.
+
+    Resumes the stage's latest checkpoint if the run directory has one. ``extra_loop_config`` is merged into
+    the worker config (test hooks ``trace_dir``/``fail_at``, see loop.py).
+    """
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fastdraft_ray.data.stream import read_manifest
+    from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
+    from fastdraft_ray.train.deepspeed import deepspeed_config
+    from fastdraft_ray.train.loop import train_fn_per_worker
+
+    stage, tc = cfg.train.stage, cfg.train
+    if stage not in STAGES:
+        raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    started = time.time()
+    sdir = stage_dir(cfg, stage)
+    sdir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(data_dir)
+    DataContext.get_current().enable_progress_bars = False
+    tokenizer_hash = tokenizer_fingerprint(load_tokenizer(cfg.model.target, cfg.model.trust_remote_code))
+    if manifest.get("tokenizer_hash") != tokenizer_hash:
+        raise ValueError(f"{data_dir} was tokenized with a different tokenizer than target {cfg.model.target} "
+                         f"(hash {manifest.get('tokenizer_hash')} vs {tokenizer_hash}); re-run data preparation")
+    geo = Geometry(tc.num_workers, tc.micro_batch_size, tc.grad_accum_steps, int(manifest["seq_len"]))
+    total_steps = geo.total_steps(tc.token_budget)
+    deepspeed_config(tc, total_steps)  # validate before starting workers
+    init_dir = prepare_init(cfg, sdir / "init", init_from)
+    rows_per_epoch = _split_rows(manifest, "train")
+    _check_cpus(tc)
+    resume = _resume_position(sdir)
+    start_row = resume.rows_consumed if resume else 0
+    if resume:
+        log.info("resuming stage %s at step %d (global row %d)", stage, resume.step, start_row)
+    datasets = build_datasets(data_dir, cfg, start_row, max(start_row, total_steps * geo.rows_per_step),
+                              tokenizer_hash, rows_per_epoch)
+    loop_config = {"run": to_dict(cfg), "init_dir": str(init_dir), "stage_dir": str(sdir), "seq_len": geo.seq_len,
+                   "rows_per_epoch": rows_per_epoch, "data_start_row": start_row, **(extra_loop_config or {})}
+    resources = {**({"CPU": tc.cpus_per_worker} if not tc.use_gpu else {}), **tc.worker_resources} or None
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=sdir.name, storage_path=str(sdir.parent),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep))),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    export = sdir / "export"
+    if not (export / "config.json").exists():
+        raise RuntimeError(f"training finished but no export was written to {export}")
+    record = {
+        "stage": stage,
+        "config": to_dict(cfg),
+        "metrics": dict(result.metrics or {}),
+        "wall_time_s": round(time.time() - started, 1),
+        "geometry": {**geo.to_dict(), "total_steps": total_steps, "tokens": total_steps * geo.tokens_per_step},
+        "inputs": {"data_dir": str(Path(data_dir).resolve()),
+                   "manifest_sha256": _file_digest(Path(data_dir) / "manifest.json"),
+                   "tokenizer_hash": tokenizer_hash,
+                   "init_from": init_from,
+                   "init_sha256": _file_digest(init_dir / "model.safetensors")},
+        "outputs": {"export": str(export), "checkpoint": result.checkpoint.path if result.checkpoint else None},
+    }
+    (sdir / "DONE.json").write_text(json.dumps(record, indent=1, default=str))
+    return record

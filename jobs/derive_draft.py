@@ -1,0 +1,54 @@
+"""Fetch the target, derive a vocabulary-compatible draft from it, print both sizes and the cost ratio c.
+
+python jobs/derive_draft.py --config cpu_default [draft.num_layers=2 ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from fastdraft_ray.cli import parse_job_args, setup_logging
+from fastdraft_ray.models.draft import (
+    build_draft,
+    check_compatible,
+    count_params,
+    derive_draft_config,
+    draft_for_budget,
+    param_bytes,
+    save_draft,
+)
+from fastdraft_ray.models.target import load_target
+
+log = logging.getLogger("derive_draft")
+
+
+def main() -> None:
+    cfg, _ = parse_job_args(__doc__)
+    setup_logging()
+    start = time.perf_counter()
+    target, tokenizer = load_target(cfg.model.target, dtype=cfg.model.dtype)
+    log.info("target %s ready in %.1f s", cfg.model.target, time.perf_counter() - start)
+    shape = draft_for_budget(target.config, cfg.draft.params_budget) if cfg.draft.params_budget else cfg.draft
+    draft = build_draft(derive_draft_config(target.config, shape), seed=cfg.train.seed)
+    check_compatible(target, draft, tokenizer, tokenizer)
+    out = save_draft(draft, tokenizer, Path(cfg.run_dir) / "draft_init")
+
+    t_count, d_count = count_params(target), count_params(draft)
+    c = param_bytes(draft) / param_bytes(target)
+    print(
+        f"{'model':<8}{'family':<10}{'layers':>7}{'hidden':>8}{'total params':>15}{'embedding':>13}{'non-emb':>13}"
+    )
+    for name, model, n in (("target", target, t_count), ("draft", draft, d_count)):
+        conf = model.config
+        print(
+            f"{name:<8}{conf.model_type:<10}{conf.num_hidden_layers:>7}{conf.hidden_size:>8}"
+            f"{n.total:>15,}{n.embedding:>13,}{n.non_embedding:>13,}"
+        )
+    print(f"parameter ratio c = draft bytes / target bytes = {c:.4f}")
+    print(f"draft (random init, vocabulary-compatible) saved to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""A training worker process dies mid-run (``os._exit`` right after step 6, a real process death): Ray Train
+restarts the worker group from the step-4 checkpoint, the run finishes its whole token budget, the loss after the
+resume continues from the checkpointed state, and no row is trained twice (nor skipped) by the final model."""
+
+from __future__ import annotations
+
+from fastdraft_ray.train.position import Geometry
+from tests.train.audit import effective_lineage, expected_rows, read_trace
+from tests.train.conftest import tiny_run_config
+
+
+def test_killed_worker_resumes_from_checkpoint_without_retraining_rows(tmp_path, tiny_target, tiny_data, ray_3cpu):
+    from fastdraft_ray.train.run import train_stage
+
+    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=1536, max_failures=1)
+    marker = tmp_path / "died"
+    record = train_stage(cfg, str(tiny_data), extra_loop_config={
+        "trace_dir": str(tmp_path), "fail_at": {"rank": 1, "step": 6, "marker": str(marker)}})
+    assert marker.exists(), "the fault was not injected"
+
+    trace = read_trace(tmp_path)
+    pids = {rank: list(dict.fromkeys(rec["pid"] for rec in recs)) for rank, recs in trace.items()}
+    assert all(len(p) == 2 for p in pids.values()), pids  # both ranks ran twice: a new worker group
+    assert str(pids[1][0]) == marker.read_text()
+    first_try = {rec["step"]: rec for rec in trace[0] if rec["pid"] == pids[0][0]}
+    second_try = [rec for rec in trace[0] if rec["pid"] == pids[0][1]]
+    assert max(first_try) == 6 and second_try[0]["step"] == 5 and second_try[0]["resumed_at"] == 4
+
+    # resumed from the step-4 state: step 5 is the same computation again (same weights, same rows)
+    assert second_try[0]["rows"] == first_try[5]["rows"]
+    assert abs(second_try[0]["loss"] - first_try[5]["loss"]) < 1e-4, (second_try[0]["loss"], first_try[5]["loss"])
+    assert second_try[0]["loss"] < first_try[1]["loss"] - 0.3  # no jump back to the initial loss
+
+    # the full budget, and the final model's lineage is exactly the global row order, each row once
+    geo = Geometry(2, 2, 1, 16)
+    total = geo.total_steps(1536)
+    lineage, steps = effective_lineage(trace)
+    assert sorted(steps) == list(range(1, total + 1))
+    assert record["metrics"]["train/tokens_seen"] == 1536
+    assert lineage == expected_rows(tiny_data, total * geo.rows_per_step)
+    assert len(set(lineage)) == len(lineage) - 32  # 96 rows = epoch 0 (64) + 32 rows of epoch 1, each once per epoch
