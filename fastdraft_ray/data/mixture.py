@@ -26,7 +26,9 @@ def quotas(names: list[str], weights: dict, budget: int) -> dict[str, int]:
         missing = [n for n in names if n not in weights]
         extra = [n for n in weights if n not in names]
         if missing or extra:
-            raise MixtureError(f"weights must name exactly the sources {names}: missing {missing}, unknown {extra}")
+            raise MixtureError(
+                f"weights must name exactly the sources {names}: missing {missing}, unknown {extra}"
+            )
         bad = {n: w for n, w in weights.items() if not isinstance(w, (int, float)) or w < 0}
         if bad or not sum(weights.values()) > 0:
             raise MixtureError(f"weights must be non-negative numbers with a positive sum, got {weights}")

@@ -82,8 +82,14 @@ def write_shard(rows: np.ndarray, path: str) -> None:
 class ShardWriter:
     """Buffers rows of one split and writes ``<split>/part-NNNNN.parquet`` every ``rows_per_shard`` rows."""
 
-    def __init__(self, out_dir: str, split: str, rows_per_shard: int, shards: list | None = None,
-                 pending: np.ndarray | None = None):
+    def __init__(
+        self,
+        out_dir: str,
+        split: str,
+        rows_per_shard: int,
+        shards: list | None = None,
+        pending: np.ndarray | None = None,
+    ):
         self.out_dir, self.split, self.rows_per_shard = out_dir.rstrip("/"), split, rows_per_shard
         self.shards: list[dict] = list(shards or [])  # [{"file": rel path, "rows": n}]
         self.pending: list[np.ndarray] = [] if pending is None or not len(pending) else [pending]

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -47,21 +48,34 @@ class _Interrupted(Exception):
 # ---------------------------------------------------------------------------------------------- Ray stages
 
 
-def _read_units(batch: dict) -> "pa.Table":
+def _read_units(batch: dict) -> Iterator[pa.Table]:
     """Ray task: one unit -> a stream of document rows (reserved ones flagged, text emptied)."""
     for k in range(len(batch["pos"])):
-        unit, pos, src, skip = json.loads(batch["unit"][k]), int(batch["pos"][k]), int(batch["src"][k]), int(batch["skip"][k])
-        rows: dict[str, list] = {c: [] for c in ("src", "pos", "idx", "flag", "hash", "replaced", "doc_id", "text",
-                                                  "messages")}
+        unit, pos, src, skip = (
+            json.loads(batch["unit"][k]),
+            int(batch["pos"][k]),
+            int(batch["src"][k]),
+            int(batch["skip"][k]),
+        )
+        rows: dict[str, list] = {
+            c: [] for c in ("src", "pos", "idx", "flag", "hash", "replaced", "doc_id", "text", "messages")
+        }
         for idx, doc in enumerate(sources.read_unit(unit, skip), start=skip):
             flag = FLAG_RESERVED if doc.reserved else FLAG_OK if doc.text.strip() else FLAG_EMPTY
             digest = hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).digest()[:8]
-            for col, value in (("src", src), ("pos", pos), ("idx", idx), ("flag", flag),
-                               ("hash", int.from_bytes(digest, "little")), ("replaced", doc.replaced),
-                               ("doc_id", doc.doc_id), ("text", doc.text if flag == FLAG_OK else ""),
-                               ("messages", json.dumps(doc.messages) if doc.messages and flag == FLAG_OK else None)):
+            for col, value in (
+                ("src", src),
+                ("pos", pos),
+                ("idx", idx),
+                ("flag", flag),
+                ("hash", int.from_bytes(digest, "little")),
+                ("replaced", doc.replaced),
+                ("doc_id", doc.doc_id),
+                ("text", doc.text if flag == FLAG_OK else ""),
+                ("messages", json.dumps(doc.messages) if doc.messages and flag == FLAG_OK else None),
+            ):
                 rows[col].append(value)
-            if len(rows["idx"]) >= 256:
+            if len(rows["idx"]) >= 64:
                 yield _doc_table(rows)
                 rows = {c: [] for c in rows}
         if rows["idx"]:
@@ -69,8 +83,17 @@ def _read_units(batch: dict) -> "pa.Table":
 
 
 def _doc_table(rows: dict) -> pa.Table:
-    types = {"src": pa.int32(), "pos": pa.int64(), "idx": pa.int64(), "flag": pa.int8(), "hash": pa.uint64(),
-             "replaced": pa.int64(), "doc_id": pa.string(), "text": pa.large_string(), "messages": pa.large_string()}
+    types = {
+        "src": pa.int32(),
+        "pos": pa.int64(),
+        "idx": pa.int64(),
+        "flag": pa.int8(),
+        "hash": pa.uint64(),
+        "replaced": pa.int64(),
+        "doc_id": pa.string(),
+        "text": pa.large_string(),
+        "messages": pa.large_string(),
+    }
     return pa.table({c: pa.array(rows[c], type=types[c]) for c in types})
 
 
@@ -81,8 +104,9 @@ class Tokenize:
     importing transformers; the full HF tokenizer is loaded only for chat templates or slow tokenizers.
     """
 
-    def __init__(self, tokenizer_spec: str, eos_id: int, backend_json: str | None = None,
-                 trust_remote_code: bool = False):
+    def __init__(
+        self, tokenizer_spec: str, eos_id: int, backend_json: str | None = None, trust_remote_code: bool = False
+    ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.spec, self.eos, self.trust = tokenizer_spec, eos_id, trust_remote_code
         self._hf = None
@@ -136,9 +160,15 @@ class Tokenize:
 
 
 def _fingerprint(data: DataConfig, tok_hash: str, order: list) -> str:
-    payload = {"data": {k: v for k, v in asdict(data).items() if k not in ("output", "num_tokenizer_actors",
-                                                                          "tokenizer_actor_cpus", "tokenize_batch_size")},
-               "tokenizer": tok_hash, "units": [[name, unit] for name, unit in order]}
+    payload = {
+        "data": {
+            k: v
+            for k, v in asdict(data).items()
+            if k not in ("output", "num_tokenizer_actors", "tokenizer_actor_cpus", "tokenize_batch_size")
+        },
+        "tokenizer": tok_hash,
+        "units": [[name, unit] for name, unit in order],
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -181,8 +211,15 @@ def _read_json(path: str) -> dict | None:
         return json.load(fh)
 
 
-def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote_code: bool = False,
-            progress: bool = True, stop_after_shards: int | None = None) -> dict:
+def prepare(
+    data: DataConfig,
+    tokenizer_spec: str,
+    out_dir: str,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> dict:
     """Prepare shards for ``data`` with the tokenizer of ``tokenizer_spec`` into ``out_dir``; return the manifest.
 
     Re-running with the same inputs returns the existing manifest, or resumes an interrupted run.
@@ -212,12 +249,16 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
         if done.get("fingerprint") == fp:
             log.info("%s is already prepared with these inputs; nothing to do", out_dir)
             return done
-        raise PrepareError(f"{out_dir} already holds a prepared dataset made from different inputs or tokenizer; "
-                           "choose another data.output or delete the folder")
+        raise PrepareError(
+            f"{out_dir} already holds a prepared dataset made from different inputs or tokenizer; "
+            "choose another data.output or delete the folder"
+        )
     state = _read_json(f"{out_dir}/.progress/state.json")
     if state is not None and state["fingerprint"] != fp:
-        raise PrepareError(f"{out_dir} holds an interrupted prepare of different inputs; delete {out_dir}/.progress "
-                           "and its shards, or choose another data.output")
+        raise PrepareError(
+            f"{out_dir} holds an interrupted prepare of different inputs; delete {out_dir}/.progress "
+            "and its shards, or choose another data.output"
+        )
 
     weights = {n: float(data.weights[n]) if data.weights else 1.0 for n in names}
     tallies = {n: mixture.SourceTally(n, data.sources[n], weights[n], quota[n], data.val_fraction) for n in names}
@@ -236,8 +277,7 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
         for s in ("train", "val"):
             packers[s] = Packer(row_len, carry[f"{s}_carry"], state["segments"][s])
             packers[s].emitted.update(state["emitted"][s])
-            writers[s] = ShardWriter(out_dir, s, data.rows_per_shard, state["shards"][s],
-                                     carry[f"{s}_pending"])
+            writers[s] = ShardWriter(out_dir, s, data.rows_per_shard, state["shards"][s], carry[f"{s}_pending"])
         for k in range(state["checkpoint"] + 1):
             seen.update(np.load(f"{out_dir}/.progress/seen-{k:05d}.npy").tolist())
         log.info("resuming %s after %d train shards", out_dir, len(writers["train"].shards))
@@ -251,22 +291,41 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
         with fs.open(f"{local}/seen-{checkpoint:05d}.npy", "wb") as fh:
             np.save(fh, np.array(new_hashes, dtype=np.uint64))
         with fs.open(f"{local}/carry.npz.part", "wb") as fh:
-            np.savez(fh, train_carry=packers["train"].carry(), val_carry=packers["val"].carry(),
-                     train_pending=writers["train"].pending_array(row_len),
-                     val_pending=writers["val"].pending_array(row_len))
+            np.savez(
+                fh,
+                train_carry=packers["train"].carry(),
+                val_carry=packers["val"].carry(),
+                train_pending=writers["train"].pending_array(row_len),
+                val_pending=writers["val"].pending_array(row_len),
+            )
         fs.mv(f"{local}/carry.npz.part", f"{local}/carry.npz")
         new_hashes = []
-        _write_json(f"{out_dir}/.progress/state.json", {
-            "fingerprint": fp, "checkpoint": checkpoint, "position": position,
-            "tallies": {n: t.to_dict() for n, t in tallies.items()}, "replaced_files": dict(replaced_files),
-            "segments": {s: packers[s].segments for s in packers}, "emitted": {s: dict(packers[s].emitted) for s in packers},
-            "shards": {s: writers[s].shards for s in writers}})
+        _write_json(
+            f"{out_dir}/.progress/state.json",
+            {
+                "fingerprint": fp,
+                "checkpoint": checkpoint,
+                "position": position,
+                "tallies": {n: t.to_dict() for n, t in tallies.items()},
+                "replaced_files": dict(replaced_files),
+                "segments": {s: packers[s].segments for s in packers},
+                "emitted": {s: dict(packers[s].emitted) for s in packers},
+                "shards": {s: writers[s].shards for s in writers},
+            },
+        )
 
     if not ray.is_initialized():
         ray.init()
     start = [(p, name, unit) for p, (name, unit) in enumerate(order) if p >= position[0]]
-    items = [{"pos": p, "src": names.index(name), "unit": json.dumps(unit),
-              "skip": position[1] + 1 if p == position[0] else 0} for p, name, unit in start]
+    items = [
+        {
+            "pos": p,
+            "src": names.index(name),
+            "unit": json.dumps(unit),
+            "skip": position[1] + 1 if p == position[0] else 0,
+        }
+        for p, name, unit in start
+    ]
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actors = max(1, data.num_tokenizer_actors)
     actor_cpus = max(0.05, min(data.tokenizer_actor_cpus, (cpus - 2 * READ_CPUS) / actors))
@@ -274,25 +333,39 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
     ds = ds.map_batches(_read_units, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
     backend = getattr(tok, "backend_tokenizer", None)
     ctor = (tokenizer_spec, tok.eos_token_id, backend.to_str() if backend is not None else None, trust_remote_code)
-    ds = ds.map_batches(Tokenize, fn_constructor_args=ctor, batch_format="pyarrow",
-                        batch_size=data.tokenize_batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=actor_cpus)
+    ds = ds.map_batches(
+        Tokenize,
+        fn_constructor_args=ctor,
+        batch_format="pyarrow",
+        batch_size=data.tokenize_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=actor_cpus,
+    )
     ds.context.execution_options.preserve_order = True
-    ds.context.target_max_block_size = 16 * 1024 * 1024
+    ds.context.target_max_block_size = 2 * 1024 * 1024  # small blocks spread one big file over all actors
     ds.context.enable_progress_bars = False
     # Bound how far Ray runs ahead of the driver: work past the point where every quota is met is wasted.
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
-        object_store_memory=data.max_buffer_mb * 1024 * 1024)
+        object_store_memory=data.max_buffer_mb * 1024 * 1024
+    )
 
-    bar = tqdm(total=data.token_budget, initial=sum(t.taken for t in tallies.values()), unit="tok",
-               unit_scale=True, desc=f"prepare {os.path.basename(out_dir)}", disable=not progress)
+    bar = tqdm(
+        total=data.token_budget,
+        initial=sum(t.taken for t in tallies.values()),
+        unit="tok",
+        unit_scale=True,
+        desc=f"prepare {os.path.basename(out_dir)}",
+        disable=not progress,
+    )
     unit_paths = [unit["path"] for _, unit in order]
     shards_this_run = 0
     received = [0, 0]  # documents and tokens that came out of the tokenizer pool (this run)
     try:
-        for batch in (ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2) if items else []):
-            cols = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in
-                    ("src", "pos", "idx", "flag", "hash", "replaced")}
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2) if items else []:
+            cols = {
+                c: batch.column(c).to_numpy(zero_copy_only=False)
+                for c in ("src", "pos", "idx", "flag", "hash", "replaced")
+            }
             ids_col = batch.column("ids").combine_chunks()
             offsets, values = ids_col.offsets.to_numpy(), ids_col.values.to_numpy(zero_copy_only=False)
             received[0] += len(cols["pos"])
@@ -346,10 +419,15 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
             raise sources.SourceError(
                 f"source {name!r} ({t.spec}) is empty: no usable documents (read {t.seen_documents}; dropped "
                 f"{t.dropped['reserved_for_eval']} reserved for evaluation, {t.dropped['duplicate']} duplicates, "
-                f"{t.dropped['empty']} empty)")
+                f"{t.dropped['empty']} empty)"
+            )
         if t.taken < t.quota:
-            log.warning("source %r ran out after %d of its %d tokens: proportions will differ from the weights",
-                        name, t.taken, t.quota)
+            log.warning(
+                "source %r ran out after %d of its %d tokens: proportions will differ from the weights",
+                name,
+                t.taken,
+                t.quota,
+            )
     for path, n in sorted(replaced_files.items()):
         log.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, n)
     tail = {s: dict(Counter(dict((src, n) for src, n in packers[s].segments))) for s in packers}
@@ -359,22 +437,40 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
         log.warning("validation split is empty: raise data.val_fraction or data.token_budget")
     split_tokens = {s: dict(packers[s].emitted) for s in packers}
     manifest = {
-        "format": FORMAT, "tokenizer": tokenizer_spec, "tokenizer_name_or_path": str(tok.name_or_path),
-        "tokenizer_hash": tok_hash, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
-        "seq_len": data.seq_len, "row_len": row_len, "column": "input_ids", "dtype": "int32",
+        "format": FORMAT,
+        "tokenizer": tokenizer_spec,
+        "tokenizer_name_or_path": str(tok.name_or_path),
+        "tokenizer_hash": tok_hash,
+        "vocab_size": len(tok),
+        "eos_token_id": tok.eos_token_id,
+        "seq_len": data.seq_len,
+        "row_len": row_len,
+        "column": "input_ids",
+        "dtype": "int32",
         "rows": {s: sum(x["rows"] for x in writers[s].shards) for s in writers},
         "tokens": {s: sum(x["rows"] for x in writers[s].shards) * row_len for s in writers},
-        "splits": {s: {"rows": sum(x["rows"] for x in writers[s].shards),
-                       "tokens": sum(x["rows"] for x in writers[s].shards) * row_len,
-                       "documents": sum(t.documents[s] for t in tallies.values()),
-                       "shards": writers[s].shards} for s in writers},
-        "token_budget": data.token_budget, "weights": weights,
+        "splits": {
+            s: {
+                "rows": sum(x["rows"] for x in writers[s].shards),
+                "tokens": sum(x["rows"] for x in writers[s].shards) * row_len,
+                "documents": sum(t.documents[s] for t in tallies.values()),
+                "shards": writers[s].shards,
+            }
+            for s in writers
+        },
+        "token_budget": data.token_budget,
+        "weights": weights,
         "sources": mixture.achieved(list(tallies.values()), split_tokens),
-        "dropped": {k: sum(t.dropped[k] for t in tallies.values()) for k in ("reserved_for_eval", "duplicate", "empty")},
+        "dropped": {
+            k: sum(t.dropped[k] for t in tallies.values()) for k in ("reserved_for_eval", "duplicate", "empty")
+        },
         "dropped_tail_tokens": {s: sum(tail[s].values()) for s in tail},
-        "replaced_bytes": dict(replaced_files), "received_this_run": {"documents": received[0], "tokens": received[1]},
-        "fingerprint": fp, "config": asdict(data),
-        "wall_time_s": round(time.time() - t0, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "replaced_bytes": dict(replaced_files),
+        "received_this_run": {"documents": received[0], "tokens": received[1]},
+        "fingerprint": fp,
+        "config": asdict(data),
+        "wall_time_s": round(time.time() - t0, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write_json(f"{out_dir}/manifest.json", manifest)
     fs, local = _fs(f"{out_dir}/.progress")
@@ -386,4 +482,3 @@ def prepare(data: DataConfig, tokenizer_spec: str, out_dir: str, *, trust_remote
 def default_output(run_dir: str, data: DataConfig) -> str:
     """``data.output`` or ``<run_dir>/data/<data.name>``."""
     return data.output or f"{run_dir.rstrip('/')}/data/{data.name}"
-

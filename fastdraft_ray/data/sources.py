@@ -31,10 +31,17 @@ from urllib.parse import parse_qsl
 from fastdraft_ray.data import embedded
 from fastdraft_ray.data.holdout import is_reserved_for_eval
 
-SPLIT_BYTES = 16 * 1024 * 1024  # uncompressed JSON-lines / txt-lines files above this are split into byte ranges
+SPLIT_BYTES = 4 * 1024 * 1024  # uncompressed JSON-lines / txt-lines files above this are split into byte ranges
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
-FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt",
-           ".text": "txt", ".md": "txt"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".txt": "txt",
+    ".text": "txt",
+    ".md": "txt",
+}
 OPTIONS = {"field", "messages", "format", "split_by", "config", "split", "revision"}
 
 
@@ -71,7 +78,9 @@ def parse_spec(spec: str) -> SourceSpec:
     options = dict(parse_qsl(query, keep_blank_values=True))
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
-        raise SourceError(f"source {spec!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(OPTIONS))}")
+        raise SourceError(
+            f"source {spec!r}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(OPTIONS))}"
+        )
     if location.startswith("embedded:"):
         return SourceSpec(spec, "embedded", location.split(":", 1)[1], options)
     if location.startswith("hub:"):
@@ -156,8 +165,10 @@ def _format_of(path: str, override: str | None) -> str | None:
 def _file_units(path: str, spec: SourceSpec) -> list[dict]:
     fmt = _format_of(path, spec.options.get("format"))
     if fmt is None:
-        raise SourceError(f"{path}: unknown file type; use .parquet, .jsonl, .json, .txt (optionally compressed) "
-                          "or add ?format=...")
+        raise SourceError(
+            f"{path}: unknown file type; use .parquet, .jsonl, .json, .txt (optionally compressed) "
+            "or add ?format=..."
+        )
     opts = {"field": spec.options.get("field", "text"), "messages": spec.options.get("messages", "")}
     if fmt == "parquet":
         return _parquet_units(path, opts, spec.raw, None)
@@ -169,8 +180,10 @@ def _file_units(path: str, spec: SourceSpec) -> list[dict]:
     base = {"reader": fmt, "path": path, "label": spec.raw, **opts, "split_by": split_by}
     compressed = path.lower().endswith(COMPRESSIONS)
     if (fmt == "jsonl" or (fmt == "txt" and split_by == "line")) and not compressed and size > SPLIT_BYTES:
-        return [{**base, "range": [s, min(s + SPLIT_BYTES, size)], "est_bytes": min(SPLIT_BYTES, size - s)}
-                for s in range(0, size, SPLIT_BYTES)]
+        return [
+            {**base, "range": [s, min(s + SPLIT_BYTES, size)], "est_bytes": min(SPLIT_BYTES, size - s)}
+            for s in range(0, size, SPLIT_BYTES)
+        ]
     return [{**base, "range": None, "est_bytes": size * (4 if compressed else 1)}]
 
 
@@ -183,8 +196,17 @@ def _parquet_units(path: str, opts: dict, label: str, seed: int | None) -> list[
             meta = pq.ParquetFile(fh).metadata
     except Exception as exc:
         raise SourceError(f"cannot read parquet file {path}: {type(exc).__name__}: {exc}") from None
-    units = [{"reader": "parquet", "path": path, "label": label, **opts, "row_groups": [i, i + 1],
-              "est_bytes": meta.row_group(i).total_byte_size} for i in range(meta.num_row_groups)]
+    units = [
+        {
+            "reader": "parquet",
+            "path": path,
+            "label": label,
+            **opts,
+            "row_groups": [i, i + 1],
+            "est_bytes": meta.row_group(i).total_byte_size,
+        }
+        for i in range(meta.num_row_groups)
+    ]
     if seed is not None:
         random.Random(seed).shuffle(units)
     return units
@@ -194,19 +216,36 @@ def _hub_units(spec: SourceSpec) -> list[dict]:
     ds = _hub_dataset(spec.location, spec.options)
     shards = getattr(ds, "num_shards", None) or getattr(ds, "n_shards", 1)
     opts = {"field": spec.options.get("field", "text"), "messages": spec.options.get("messages", "")}
-    return [{"reader": "hub", "path": spec.location, "label": spec.raw, **opts, "hub": dict(spec.options),
-             "shard": [i, shards], "est_bytes": 1} for i in range(shards)]
+    return [
+        {
+            "reader": "hub",
+            "path": spec.location,
+            "label": spec.raw,
+            **opts,
+            "hub": dict(spec.options),
+            "shard": [i, shards],
+            "est_bytes": 1,
+        }
+        for i in range(shards)
+    ]
 
 
 def _hub_dataset(dataset_id: str, options: dict):
     try:
         import datasets
 
-        return datasets.load_dataset(dataset_id, name=options.get("config") or None, split=options.get("split", "train"),
-                                     revision=options.get("revision") or None, streaming=True)
+        return datasets.load_dataset(
+            dataset_id,
+            name=options.get("config") or None,
+            split=options.get("split", "train"),
+            revision=options.get("revision") or None,
+            streaming=True,
+        )
     except Exception as exc:
-        raise SourceError(f"cannot open hub dataset {dataset_id!r} ({type(exc).__name__}: {str(exc)[:300]}). Without "
-                          "a hub connection use files (parquet/jsonl/txt) or embedded:<name> sources.") from None
+        raise SourceError(
+            f"cannot open hub dataset {dataset_id!r} ({type(exc).__name__}: {str(exc)[:300]}). Without "
+            "a hub connection use files (parquet/jsonl/txt) or embedded:<name> sources."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -247,8 +286,10 @@ def _record_doc(record, unit: dict, where: str, doc_id: str, replaced: int = 0) 
     key = unit["messages"] or unit["field"]
     if key not in record:
         option = "messages" if unit["messages"] else "field"
-        raise SourceError(f"{where}: record has no field {key!r} (fields: {', '.join(map(str, record)) or 'none'}); "
-                          f"name the right one with ?{option}=<name>")
+        raise SourceError(
+            f"{where}: record has no field {key!r} (fields: {', '.join(map(str, record)) or 'none'}); "
+            f"name the right one with ?{option}=<name>"
+        )
     if unit["messages"]:
         messages = _normalise_messages(record[key], where)
         return Document("\n\n".join(m["content"] for m in messages), doc_id, messages, replaced)
@@ -268,8 +309,13 @@ def _mark_reserved(doc: Document) -> Document:
 
 def read_unit(unit: dict, skip: int = 0) -> Iterator[Document]:
     """Documents of one unit, in order, skipping the first ``skip``; ``reserved`` is set on each."""
-    readers = {"parquet": _read_parquet, "jsonl": _read_jsonl, "json": _read_json, "txt": _read_txt,
-               "hub": _read_hub}
+    readers = {
+        "parquet": _read_parquet,
+        "jsonl": _read_jsonl,
+        "json": _read_json,
+        "txt": _read_txt,
+        "hub": _read_hub,
+    }
     try:
         for i, doc in enumerate(readers[unit["reader"]](unit)):
             if i >= skip:
@@ -288,8 +334,9 @@ def _open(path: str):
         import zstandard
 
         raw = fsspec.open(path, "rb").open()
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                                              closefd=True))
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        )
     return fsspec.open(path, "rb", compression="infer").open()
 
 
@@ -303,8 +350,10 @@ def _read_parquet(unit: dict) -> Iterator[Document]:
         key = unit["messages"] or unit["field"]
         if key not in names:
             option = "messages" if unit["messages"] else "field"
-            raise SourceError(f"{unit['path']}: no column {key!r} (columns: {', '.join(names)}); "
-                              f"name the right one with ?{option}=<name>")
+            raise SourceError(
+                f"{unit['path']}: no column {key!r} (columns: {', '.join(names)}); "
+                f"name the right one with ?{option}=<name>"
+            )
         cols = [key] + (["doc_id"] if "doc_id" in names else [])
         first, last = unit["row_groups"]
         for rg in range(first, last):
@@ -341,7 +390,9 @@ def _read_jsonl(unit: dict) -> Iterator[Document]:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SourceError(f"{where}: not valid JSON ({exc.msg}); the file is corrupt or not JSON lines") from None
+            raise SourceError(
+                f"{where}: not valid JSON ({exc.msg}); the file is corrupt or not JSON lines"
+            ) from None
         yield _record_doc(record, unit, where, f"{unit['path']}:{offset}", replaced)
 
 
@@ -355,8 +406,9 @@ def _read_json(unit: dict) -> Iterator[Document]:
     text, replaced = decode(head + rest)
     try:
         for offset, record in embedded.iter_json_array(io.StringIO(text)):
-            yield _record_doc(record, unit, f"{unit['path']} at character {offset}", f"{unit['path']}:{offset}",
-                              replaced)
+            yield _record_doc(
+                record, unit, f"{unit['path']} at character {offset}", f"{unit['path']}:{offset}", replaced
+            )
             replaced = 0
     except ValueError as exc:
         if isinstance(exc, SourceError):
@@ -385,7 +437,9 @@ def _read_hub(unit: dict) -> Iterator[Document]:
     if total > 1:
         ds = ds.shard(num_shards=total, index=index)
     for i, record in enumerate(ds):
-        yield _record_doc(record, unit, f"hub:{unit['path']} shard {index} record {i}", f"{unit['path']}/{index}/{i}")
+        yield _record_doc(
+            record, unit, f"hub:{unit['path']} shard {index} record {i}", f"{unit['path']}/{index}/{i}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- public helpers
@@ -401,8 +455,13 @@ def format_chat(messages: list[dict], tokenizer=None) -> str:
     return "\n\n".join(m["content"] for m in messages)
 
 
-def iter_documents(spec: str, tokenizer=None, *, reserved: bool | None = None, seed: int | None = None,
-                   ) -> Iterator[Document]:
+def iter_documents(
+    spec: str,
+    tokenizer=None,
+    *,
+    reserved: bool | None = None,
+    seed: int | None = None,
+) -> Iterator[Document]:
     """Raw documents of a source spec, in order. ``reserved``: None = all, True = only the evaluation-reserved
     ones (:func:`~fastdraft_ray.data.holdout.is_reserved_for_eval`), False = only trainable ones. Chat documents
     are formatted with ``tokenizer``'s chat template when given."""

@@ -38,8 +38,10 @@ def read_manifest(data_dir: str) -> dict:
     """The ``manifest.json`` of a prepared shard folder."""
     fs, local = _fs(f"{data_dir.rstrip('/')}/manifest.json")
     if not fs.exists(local):
-        raise ShardError(f"{data_dir} has no manifest.json: it is not a prepared shard folder (or its prepare job "
-                         "did not finish; re-run jobs/prepare_data.py to complete it)")
+        raise ShardError(
+            f"{data_dir} has no manifest.json: it is not a prepared shard folder (or its prepare job "
+            "did not finish; re-run jobs/prepare_data.py to complete it)"
+        )
     with fs.open(local, "r") as fh:
         return json.load(fh)
 
@@ -52,7 +54,8 @@ def check_tokenizer(manifest: dict, expected_tokenizer_hash: str | None, data_di
         f"token shards in {data_dir} were made with tokenizer {manifest.get('tokenizer')!r} (hash "
         f"{manifest['tokenizer_hash'][:12]}...), but the target's tokenizer has hash {expected_tokenizer_hash[:12]}...: "
         "the token ids would mean different things. Re-run jobs/prepare_data.py with model.target set to this "
-        "target and a new data.output (or data.name).")
+        "target and a new data.output (or data.name)."
+    )
 
 
 def epoch_windows(manifest: dict, split: str, seed: int, epoch: int, window_files: int) -> list[dict]:
@@ -76,13 +79,19 @@ def _validate(data_dir: str, manifest: dict, split: str) -> None:
             with fs.open(local, "rb") as fh:
                 rows = pq.ParquetFile(fh).metadata.num_rows
         except FileNotFoundError:
-            raise ShardError(f"token shard {path} is missing; re-run jobs/prepare_data.py into a new folder") from None
+            raise ShardError(
+                f"token shard {path} is missing; re-run jobs/prepare_data.py into a new folder"
+            ) from None
         except Exception as exc:
-            raise ShardError(f"token shard {path} is corrupt ({type(exc).__name__}: {exc}); delete the folder and "
-                             "re-run jobs/prepare_data.py") from None
+            raise ShardError(
+                f"token shard {path} is corrupt ({type(exc).__name__}: {exc}); delete the folder and "
+                "re-run jobs/prepare_data.py"
+            ) from None
         if rows != shard["rows"]:
-            raise ShardError(f"token shard {path} has {rows} rows but the manifest says {shard['rows']}: the folder "
-                             "was modified after prepare; re-run jobs/prepare_data.py")
+            raise ShardError(
+                f"token shard {path} has {rows} rows but the manifest says {shard['rows']}: the folder "
+                "was modified after prepare; re-run jobs/prepare_data.py"
+            )
 
 
 def read_window(batch: dict, data_dir: str, row_len: int, seed: int, epoch: int, chunk: int = 1024):
@@ -101,17 +110,29 @@ def read_window(batch: dict, data_dir: str, row_len: int, seed: int, epoch: int,
                 flat = col.values.to_numpy(zero_copy_only=False)
                 parts.append(flat.reshape(-1, row_len).astype(np.int32, copy=False))
             except Exception as exc:
-                raise ShardError(f"token shard {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
-                                 "delete the folder and re-run jobs/prepare_data.py") from None
+                raise ShardError(
+                    f"token shard {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
+                    "delete the folder and re-run jobs/prepare_data.py"
+                ) from None
         rows = np.concatenate(parts) if parts else np.empty((0, row_len), np.int32)
         rows = rows[np.random.default_rng([seed, epoch, 1, window]).permutation(len(rows))][skip:]
         for start in range(0, len(rows), chunk):
             yield {"input_ids": rows[start : start + chunk]}
 
 
-def training_dataset(data_dir: str, *, split: str = "train", seed: int = 0, epoch: int = 0, skip_rows: int = 0,
-                     expected_tokenizer_hash: str | None = None, window_files: int = 4, block_rows: int | None = None,
-                     validate: bool = True, read_cpus: float = 0.25):
+def training_dataset(
+    data_dir: str,
+    *,
+    split: str = "train",
+    seed: int = 0,
+    epoch: int = 0,
+    skip_rows: int = 0,
+    expected_tokenizer_hash: str | None = None,
+    window_files: int = 4,
+    block_rows: int | None = None,
+    validate: bool = True,
+    read_cpus: float = 0.25,
+):
     """A streaming ``ray.data.Dataset`` of rows ``{"input_ids": int32[seq_len + 1]}`` in the (seed, epoch) order.
 
     ``skip_rows`` drops exactly the first rows of that order (resume). ``block_rows`` makes every block (but
@@ -139,10 +160,17 @@ def training_dataset(data_dir: str, *, split: str = "train", seed: int = 0, epoc
         items.append({"window": w["window"], "files": json.dumps(w["files"]), "skip": skip_rows})
         skip_rows = 0
     if not items:  # everything skipped: an empty dataset with the right schema
-        return ray.data.from_numpy(np.empty((0, manifest["row_len"]), np.int32)).rename_columns({"data": "input_ids"})
+        return ray.data.from_numpy(np.empty((0, manifest["row_len"]), np.int32)).rename_columns(
+            {"data": "input_ids"}
+        )
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(read_window, batch_size=1, batch_format="numpy", num_cpus=read_cpus,
-                        fn_kwargs={"data_dir": data_dir, "row_len": manifest["row_len"], "seed": seed, "epoch": epoch})
+    ds = ds.map_batches(
+        read_window,
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=read_cpus,
+        fn_kwargs={"data_dir": data_dir, "row_len": manifest["row_len"], "seed": seed, "epoch": epoch},
+    )
     if block_rows:
         ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
     ds.context.execution_options.preserve_order = True
@@ -162,5 +190,12 @@ def num_rows(data_dir: str, split: str = "train") -> int:
     return int(read_manifest(data_dir)["splits"][split]["rows"])
 
 
-__all__ = ["read_manifest", "training_dataset", "train_data_config", "check_tokenizer", "epoch_windows", "num_rows",
-           "ShardError"]
+__all__ = [
+    "read_manifest",
+    "training_dataset",
+    "train_data_config",
+    "check_tokenizer",
+    "epoch_windows",
+    "num_rows",
+    "ShardError",
+]

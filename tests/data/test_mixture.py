@@ -22,8 +22,10 @@ def test_quotas_follow_weights_and_sum_to_budget():
 
 
 def test_interleave_reads_sources_at_their_quota_rate():
-    units = {"code": [{"id": f"c{i}", "est_bytes": 10} for i in range(20)],
-             "text": [{"id": f"t{i}", "est_bytes": 10} for i in range(20)]}
+    units = {
+        "code": [{"id": f"c{i}", "est_bytes": 10} for i in range(20)],
+        "text": [{"id": f"t{i}", "est_bytes": 10} for i in range(20)],
+    }
     order = [u["id"] for _, u in interleave(units, {"code": 200, "text": 100})]
     first = order[:15]
     assert sum(i.startswith("c") for i in first) == 10  # 2:1 in every prefix

@@ -29,22 +29,36 @@ def synthetic_jsonl(path, n, seed=0, words=40):
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for i in range(n):
-            fh.write(json.dumps({"text": f"doc {seed}-{i}. " + " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+            fh.write(
+                json.dumps({"text": f"doc {seed}-{i}. " + " ".join(rng.choice(WORDS) for _ in range(words))})
+                + "\n"
+            )
     return str(path)
 
 
 def read_rows(out, split="train"):
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    parts = [pq.read_table(os.path.join(out, s["file"])).column("input_ids") for s in manifest["splits"][split]["shards"]]
+    parts = [
+        pq.read_table(os.path.join(out, s["file"])).column("input_ids")
+        for s in manifest["splits"][split]["shards"]
+    ]
     rows = [np.asarray(p.combine_chunks().values).reshape(-1, manifest["row_len"]) for p in parts]
     return manifest, (np.concatenate(rows) if rows else np.empty((0, manifest["row_len"]), np.int32))
 
 
 def test_code_text_mixture_with_real_tokenizer(ray_local, tmp_path, tok):
-    data = DataConfig(sources={"code": "embedded:code", "text": "embedded:text"}, weights={"code": 2, "text": 1},
-                      token_budget=120_000, seq_len=128, rows_per_shard=256, val_fraction=0.05)
+    data = DataConfig(
+        sources={"code": "embedded:code", "text": "embedded:text"},
+        weights={"code": 2, "text": 1},
+        token_budget=120_000,
+        seq_len=128,
+        rows_per_shard=256,
+        val_fraction=0.05,
+    )
     m = prepare(data, TOKENIZER, str(tmp_path / "mix"), progress=False)
-    assert m["tokenizer_hash"] == tokenizer_fingerprint(tok) and m["vocab_size"] == len(tok) and m["seq_len"] == 128
+    assert (
+        m["tokenizer_hash"] == tokenizer_fingerprint(tok) and m["vocab_size"] == len(tok) and m["seq_len"] == 128
+    )
     by_name = {s["name"]: s for s in m["sources"]}
     assert abs(by_name["code"]["proportion"]["train"] - 2 / 3) < 0.02  # asked 2:1 by tokens
     assert abs(by_name["text"]["proportion"]["train"] - 1 / 3) < 0.02
@@ -67,8 +81,13 @@ def test_code_text_mixture_with_real_tokenizer(ray_local, tmp_path, tok):
 
 
 def test_whole_corpus_token_count_matches_an_independent_tokenization(ray_local, tmp_path, tok):
-    data = DataConfig(sources={"wiki": "embedded:wiki"}, token_budget=10_000_000, seq_len=64, rows_per_shard=500,
-                      val_fraction=0.1)
+    data = DataConfig(
+        sources={"wiki": "embedded:wiki"},
+        token_budget=10_000_000,
+        seq_len=64,
+        rows_per_shard=500,
+        val_fraction=0.1,
+    )
     m = prepare(data, TOKENIZER, str(tmp_path / "wiki"), progress=False)
     docs = list(iter_documents("embedded:wiki"))
     kept = [d.text for d in docs if not is_reserved_for_eval(d.text)]
@@ -103,8 +122,9 @@ def test_duplicates_and_non_utf8_are_handled(ray_local, tmp_path):
     with open(tmp_path / "b.jsonl", "wb") as fh:
         fh.write(open(a, "rb").read())  # every document of b duplicates one of a
         fh.write(b'{"text": "caf\xe9 au lait, na\xefve r\xe9sum\xe9 of the garden"}\n')
-    data = DataConfig(sources={"a": a, "b": str(tmp_path / "b.jsonl")}, token_budget=100_000, seq_len=16,
-                      val_fraction=0.0)
+    data = DataConfig(
+        sources={"a": a, "b": str(tmp_path / "b.jsonl")}, token_budget=100_000, seq_len=16, val_fraction=0.0
+    )
     m = prepare(data, TOKENIZER, str(tmp_path / "out"), progress=False)
     by_name = {s["name"]: s for s in m["sources"]}
     kept_a = sum(not is_reserved_for_eval(d.text) for d in iter_documents(a))
@@ -127,3 +147,16 @@ def test_bad_sources_fail_with_the_file_named(ray_local, tmp_path):
     data = DataConfig(sources={"none": str(tmp_path / "none*.jsonl")}, token_budget=5_000)
     with pytest.raises(SourceError, match="no files match"):
         prepare(data, TOKENIZER, str(tmp_path / "o3"), progress=False)
+
+
+@pytest.mark.slow
+def test_default_budget_cp_mixture(ray_local, tmp_path, tok):
+    """The CP stage's 2:1 code:text mixture at the default 2M-token budget, seq_len 512."""
+    data = DataConfig(sources={"code": "embedded:code", "text": "embedded:text"}, weights={"code": 2, "text": 1})
+    m = prepare(data, TOKENIZER, str(tmp_path / "cp"), progress=False)
+    for split in ("train", "val"):
+        _, rows = read_rows(tmp_path / "cp", split)
+        assert rows.shape == (m["rows"][split], 513) and rows.size == m["tokens"][split] > 0
+    for s in m["sources"]:
+        assert abs(s["proportion"]["train"] - s["requested_proportion"]) < 0.02, s
+    assert m["dropped"]["reserved_for_eval"] > 0

@@ -28,7 +28,11 @@ def write_jsonl(path, docs, key="text"):
 
 def test_parse_spec_and_unknown_option():
     spec = parse_spec("data/*.jsonl?field=content&split_by=line")
-    assert (spec.kind, spec.location, spec.options) == ("files", "data/*.jsonl", {"field": "content", "split_by": "line"})
+    assert (spec.kind, spec.location, spec.options) == (
+        "files",
+        "data/*.jsonl",
+        {"field": "content", "split_by": "line"},
+    )
     assert parse_spec("hub:allenai/c4?config=en").kind == "hub"
     with pytest.raises(SourceError, match="unknown option.*colour"):
         parse_spec("x.jsonl?colour=red")
@@ -39,7 +43,9 @@ def test_parse_spec_and_unknown_option():
 def test_all_formats_read_the_same_documents(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", DOCS)
     (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((tmp_path / "a.jsonl").read_bytes()))
-    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "a.jsonl").read_bytes()))
+    (tmp_path / "c.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress((tmp_path / "a.jsonl").read_bytes())
+    )
     (tmp_path / "d.json").write_text(json.dumps([{"body": d} for d in DOCS]))
     pq.write_table(pa.table({"text": DOCS}), tmp_path / "e.parquet", row_group_size=7)
     (tmp_path / "f.txt").write_text("\n".join(DOCS) + "\n")
@@ -94,7 +100,9 @@ def test_corrupt_jsonl_names_file_and_line(tmp_path):
 
 def test_missing_text_field_lists_the_fields(tmp_path):
     path = write_jsonl(tmp_path / "f.jsonl", DOCS[:2], key="content")
-    with pytest.raises(SourceError, match=r"f.jsonl line 1: record has no field 'text' \(fields: content, id\).*\?field="):
+    with pytest.raises(
+        SourceError, match=r"f.jsonl line 1: record has no field 'text' \(fields: content, id\).*\?field="
+    ):
         texts(str(path))
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(SourceError, match=r"p.parquet: no column 'text' \(columns: body\)"):
