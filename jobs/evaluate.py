@@ -32,8 +32,9 @@ def random_draft(cfg) -> str:
     shape = draft_for_budget(target_cfg, cfg.draft.params_budget) if cfg.draft.params_budget else cfg.draft
     draft = build_draft(derive_draft_config(target_cfg, shape), seed=cfg.train.seed)
     root = Path(tempfile.mkdtemp()) if "://" in cfg.run_dir else Path(cfg.run_dir) / "eval"
-    return str(save_draft(draft, load_tokenizer(cfg.model.target, cfg.model.trust_remote_code),
-                          root / "random_draft"))
+    return str(
+        save_draft(draft, load_tokenizer(cfg.model.target, cfg.model.trust_remote_code), root / "random_draft")
+    )
 
 
 def main() -> None:
@@ -42,8 +43,10 @@ def main() -> None:
     drafts = list(cfg.evaluate.drafts)
     if not drafts:
         drafts = [random_draft(cfg)]
-        print(f"no evaluate.drafts given: evaluating a RANDOMLY INITIALISED draft ({drafts[0]}); "
-              "its numbers show the untrained floor (α ≈ 0), not a trained draft")
+        print(
+            f"no evaluate.drafts given: evaluating a RANDOMLY INITIALISED draft ({drafts[0]}); "
+            "its numbers show the untrained floor (α ≈ 0), not a trained draft"
+        )
     if cfg.evaluate.num_workers > 1 or cfg.evaluate.use_gpu:
         init_ray()  # RAY_ADDRESS (set by `ray job submit`) or a local Ray
     results = evaluate(cfg.model, drafts, cfg.evaluate)

@@ -15,12 +15,36 @@ from pathlib import Path
 
 from fastdraft_ray.evaluate.run import ALL, TABLE_METRICS, EvalResults
 
-LABELS = {"acceptance_rate": "α", "block_efficiency": "τ", "mbsu": "MBSU", "speedup": "speedup",
-          "hw_speedup": "hw speedup"}
-CSV_FIELDS = ("draft", "mode", "task", "prompts", "proposed", "accepted", "steps", "new_tokens", "acceptance_rate",
-              "block_efficiency", "ideal_block_efficiency", "mbsu", "hw_speedup", "hw_speedup_verify", "speedup",
-              "target_tokens_per_s", "spec_tokens_per_s", "matches_target", "wall_time_s", "base_wall_time_s",
-              "base_new_tokens")
+LABELS = {
+    "acceptance_rate": "α",
+    "block_efficiency": "τ",
+    "mbsu": "MBSU",
+    "speedup": "speedup",
+    "hw_speedup": "hw speedup",
+}
+CSV_FIELDS = (
+    "draft",
+    "mode",
+    "task",
+    "prompts",
+    "proposed",
+    "accepted",
+    "steps",
+    "new_tokens",
+    "acceptance_rate",
+    "block_efficiency",
+    "ideal_block_efficiency",
+    "mbsu",
+    "hw_speedup",
+    "hw_speedup_verify",
+    "speedup",
+    "target_tokens_per_s",
+    "spec_tokens_per_s",
+    "matches_target",
+    "wall_time_s",
+    "base_wall_time_s",
+    "base_new_tokens",
+)
 
 
 def _groups(results: EvalResults) -> list[tuple[str, str]]:
@@ -48,7 +72,9 @@ def markdown_table(results: EvalResults) -> str:
         for task in tasks:
             for metric in TABLE_METRICS:
                 value = _value(results, draft, mode, task, metric)
-                cells.append("—" if value is None else f"{value:.3f}" if metric == "acceptance_rate" else f"{value:.2f}")
+                cells.append(
+                    "—" if value is None else f"{value:.3f}" if metric == "acceptance_rate" else f"{value:.2f}"
+                )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -57,13 +83,14 @@ def _markdown(results: EvalResults) -> str:
     s = results.settings
     drafts = "\n".join(
         f"| {d.name} | `{d.path}` | {d.params:,} | {d.c_params:.4f} | {d.draft_step_s * 1e3:.2f} | "
-        f"{d.target_step_s * 1e3:.2f} | {d.verify_step_s * 1e3:.2f} |" for d in results.drafts
+        f"{d.target_step_s * 1e3:.2f} | {d.verify_step_s * 1e3:.2f} |"
+        for d in results.drafts
     )
     return f"""# Speculative-decoding evaluation
 
-Target `{results.target}`; γ = {s['gamma']}; sampling at T = {s['temperature']} (top-p {s['top_p']}) and greedy;
-{s['prompts_per_task']} prompts per task ({s['source']} sources), up to {s['max_new_tokens']} new tokens;
-seed {s['seed']}; {s['num_workers']} worker(s); evaluation wall time {results.wall_time_s:.1f} s.
+Target `{results.target}`; γ = {s["gamma"]}; modes: {", ".join(s["modes"])} (sampling: T = {s["temperature"]}, top-p {s["top_p"]});
+{s["prompts_per_task"]} prompts per task ({s["source"]} sources), up to {s["max_new_tokens"]} new tokens;
+seed {s["seed"]}; {s["num_workers"]} worker(s); evaluation wall time {results.wall_time_s:.1f} s.
 
 α = accepted / proposed draft tokens; τ = tokens per target verify forward (bonus included);
 MBSU = τ / (γ·c + 1) with c = draft/target parameter bytes; speedup = wall-clock, target alone vs
@@ -112,10 +139,18 @@ def _write_local(results: EvalResults, out: Path, config: dict | None) -> None:
         writer.writerows(results.rows)
     (out / "results.md").write_text(_markdown(results))
     _plot(results, out / "results.png")
-    metrics = {f"{d.name}/{mode}": results.metrics(d.name, mode) for d in results.drafts
-               for mode in results.settings["modes"]}
-    done = {"stage": "eval", "config": config, "metrics": metrics, "wall_time_s": results.wall_time_s,
-            "inputs": {"target": results.target, "drafts": [d.path for d in results.drafts]}}
+    metrics = {
+        f"{d.name}/{mode}": results.metrics(d.name, mode)
+        for d in results.drafts
+        for mode in results.settings["modes"]
+    }
+    done = {
+        "stage": "eval",
+        "config": config,
+        "metrics": metrics,
+        "wall_time_s": results.wall_time_s,
+        "inputs": {"target": results.target, "drafts": [d.path for d in results.drafts]},
+    }
     (out / "DONE.json").write_text(json.dumps(done, indent=1))
 
 
@@ -135,8 +170,10 @@ def write_report(results: EvalResults, run_dir: str, config: dict | None = None)
 
 def summary(results: EvalResults) -> str:
     """A few lines for the console: per draft and mode, the pooled α, τ, MBSU and speedups."""
-    lines = [f"target {results.target}: γ={results.settings['gamma']}, {len(results.tasks)} tasks, "
-             f"{results.settings['prompts_per_task']} prompts each, {results.wall_time_s:.0f} s"]
+    lines = [
+        f"target {results.target}: γ={results.settings['gamma']}, {len(results.tasks)} tasks, "
+        f"{results.settings['prompts_per_task']} prompts each, {results.wall_time_s:.0f} s"
+    ]
     for draft, mode in _groups(results):
         row = next(r for r in results.rows if (r["draft"], r["mode"], r["task"]) == (draft, mode, ALL))
         lines.append(
@@ -144,8 +181,13 @@ def summary(results: EvalResults) -> str:
             f"MBSU={row['mbsu']:.2f}  hw={row['hw_speedup']:.2f}  wall-clock={row['speedup']:.2f}x  "
             f"({row['spec_tokens_per_s']:.1f} vs {row['target_tokens_per_s']:.1f} tok/s)"
         )
-        per_task = "  ".join(f"{r['task']}={r['acceptance_rate']:.2f}" for r in results.rows
-                             if (r["draft"], r["mode"]) == (draft, mode) and r["task"] != ALL)
-        lines.append(f"  {'':<24} {'':<8} α by task: {per_task}")
+        per_task = "  ".join(
+            f"{r['task']}={r['acceptance_rate']:.2f}"
+            for r in results.rows
+            if (r["draft"], r["mode"]) == (draft, mode) and r["task"] != ALL
+        )
+        same = (
+            "" if row["matches_target"] is None else f"  (output = target's greedy: {row['matches_target']:.0%})"
+        )
+        lines.append(f"  {'':<24} {'':<8} α by task: {per_task}{same}")
     return "\n".join(lines)
-

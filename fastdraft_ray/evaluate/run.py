@@ -104,12 +104,15 @@ class Evaluator:
         if threads > 0:
             torch.set_num_threads(threads)
         self.device = "cuda" if settings.get("use_gpu") and torch.cuda.is_available() else "cpu"
-        self.target, self.tokenizer = load_target(target.target, dtype=target.dtype, device=self.device,
-                                                  trust_remote_code=target.trust_remote_code)
+        self.target, self.tokenizer = load_target(
+            target.target, dtype=target.dtype, device=self.device, trust_remote_code=target.trust_remote_code
+        )
         self.drafts = {name: load_draft(path).to(self.device) for name, path in drafts.items()}
         self.s = settings
         gen_eos = getattr(self.target.generation_config, "eos_token_id", None)
-        self.eos = (gen_eos if gen_eos is not None else self.tokenizer.eos_token_id) if settings["stop_at_eos"] else None
+        self.eos = (
+            (gen_eos if gen_eos is not None else self.tokenizer.eos_token_id) if settings["stop_at_eos"] else None
+        )
 
     def _ids(self, prompt: EvalPrompt) -> torch.Tensor:
         return torch.tensor([prompt.input_ids], dtype=torch.long, device=self.device)
@@ -122,8 +125,11 @@ class Evaluator:
         out = {}
         for name, draft in self.drafts.items():
             speculative_generate(self.target, draft, ids, gamma=gamma, max_new_tokens=gamma + 2)
-            out[name] = {"draft_step_s": S.measure_step_latency(draft, ids, 1), "target_step_s": target_step,
-                         "verify_step_s": verify_step}
+            out[name] = {
+                "draft_step_s": S.measure_step_latency(draft, ids, 1),
+                "target_step_s": target_step,
+                "verify_step_s": verify_step,
+            }
         return out
 
     def run(self, prompts: list[EvalPrompt]) -> tuple[list[dict], dict]:
@@ -135,23 +141,41 @@ class Evaluator:
         for prompt in prompts:
             ids = self._ids(prompt)
             for mode in self.s["modes"]:
-                kw = {"max_new_tokens": self.s["max_new_tokens"], "eos_token_id": self.eos,
-                      "temperature": self.s["temperature"] if mode == "sampling" else 0.0, "top_p": self.s["top_p"]}
+                kw = {
+                    "max_new_tokens": self.s["max_new_tokens"],
+                    "eos_token_id": self.eos,
+                    "temperature": self.s["temperature"] if mode == "sampling" else 0.0,
+                    "top_p": self.s["top_p"],
+                }
                 seed = _prompt_seed(self.s["seed"], prompt.id)
                 base = autoregressive_generate(self.target, ids, generator=self._gen(seed), **kw)
                 for name, draft in self.drafts.items():
-                    spec = speculative_generate(self.target, draft, ids, gamma=self.s["gamma"],
-                                                generator=self._gen(seed), **kw)
+                    spec = speculative_generate(
+                        self.target, draft, ids, gamma=self.s["gamma"], generator=self._gen(seed), **kw
+                    )
                     st = spec.stats
-                    records.append({
-                        "task": prompt.task, "prompt_id": prompt.id, "prompt_tokens": len(prompt.input_ids),
-                        "draft": name, "mode": mode, "proposed": st.proposed, "accepted": st.accepted,
-                        "steps": st.steps, "new_tokens": st.new_tokens, "wall_time_s": st.wall_time_s,
-                        "draft_time_s": st.draft_time_s, "target_time_s": st.target_time_s,
-                        "draft_forwards": st.draft_forwards, "target_forwards": st.target_forwards,
-                        "base_new_tokens": base.stats.new_tokens, "base_wall_time_s": base.stats.wall_time_s,
-                        "matches_target": spec.tokens == base.tokens, "tokens": spec.tokens,
-                    })
+                    records.append(
+                        {
+                            "task": prompt.task,
+                            "prompt_id": prompt.id,
+                            "prompt_tokens": len(prompt.input_ids),
+                            "draft": name,
+                            "mode": mode,
+                            "proposed": st.proposed,
+                            "accepted": st.accepted,
+                            "steps": st.steps,
+                            "new_tokens": st.new_tokens,
+                            "wall_time_s": st.wall_time_s,
+                            "draft_time_s": st.draft_time_s,
+                            "target_time_s": st.target_time_s,
+                            "draft_forwards": st.draft_forwards,
+                            "target_forwards": st.target_forwards,
+                            "base_new_tokens": base.stats.new_tokens,
+                            "base_wall_time_s": base.stats.wall_time_s,
+                            "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
+                            "tokens": spec.tokens,
+                        }
+                    )
         return records, lat
 
     def _gen(self, seed: int) -> torch.Generator:
@@ -168,31 +192,56 @@ def aggregate(records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: l
     for info in drafts:
         for mode in modes:
             for task in [*tasks, ALL]:
-                recs = [r for r in records if r["draft"] == info.name and r["mode"] == mode
-                        and (task == ALL or r["task"] == task)]
+                recs = [
+                    r
+                    for r in records
+                    if r["draft"] == info.name and r["mode"] == mode and (task == ALL or r["task"] == task)
+                ]
                 if recs:
                     rows.append(_row(info, mode, task, recs, gamma))
     return rows
 
 
 def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) -> dict:
-    tot = {k: sum(r[k] for r in recs) for k in ("proposed", "accepted", "steps", "new_tokens", "wall_time_s",
-                                                 "base_new_tokens", "base_wall_time_s")}
+    tot = {
+        k: sum(r[k] for r in recs)
+        for k in (
+            "proposed",
+            "accepted",
+            "steps",
+            "new_tokens",
+            "wall_time_s",
+            "base_new_tokens",
+            "base_wall_time_s",
+        )
+    }
     alpha = S.acceptance_rate(tot["accepted"], tot["proposed"])
     tau = S.block_efficiency(tot["new_tokens"], tot["steps"])
     base_per_token = tot["base_wall_time_s"] / max(tot["base_new_tokens"], 1)
     spec_per_token = tot["wall_time_s"] / max(tot["new_tokens"], 1)
     hw = S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s) if info.target_step_s else 0.0
-    hw_verify = (S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s, info.verify_step_s)
-                 if info.target_step_s else 0.0)
+    hw_verify = (
+        S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s, info.verify_step_s)
+        if info.target_step_s
+        else 0.0
+    )
     return {
-        "draft": info.name, "mode": mode, "task": task, "prompts": len(recs), **tot,
-        "acceptance_rate": alpha, "block_efficiency": tau, "ideal_block_efficiency": S.ideal_block_efficiency(alpha, gamma),
-        "mbsu": S.mbsu(tau, gamma, info.c_params), "hw_speedup": hw, "hw_speedup_verify": hw_verify,
+        "draft": info.name,
+        "mode": mode,
+        "task": task,
+        "prompts": len(recs),
+        **tot,
+        "acceptance_rate": alpha,
+        "block_efficiency": tau,
+        "ideal_block_efficiency": S.ideal_block_efficiency(alpha, gamma),
+        "mbsu": S.mbsu(tau, gamma, info.c_params),
+        "hw_speedup": hw,
+        "hw_speedup_verify": hw_verify,
         "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,
         "target_tokens_per_s": 1.0 / base_per_token if base_per_token else 0.0,
         "spec_tokens_per_s": 1.0 / spec_per_token if spec_per_token else 0.0,
-        "matches_target": sum(bool(r["matches_target"]) for r in recs) / len(recs),
+        # greedy only: fraction of prompts whose output equals the target's own greedy output (lossless check)
+        "matches_target": sum(bool(r["matches_target"]) for r in recs) / len(recs) if mode == "greedy" else None,
     }
 
 
@@ -216,20 +265,28 @@ def _check_drafts(model: ModelConfig, drafts: dict[str, str], tokenizer) -> None
     for name, path in drafts.items():
         if not (Path(path) / "config.json").exists():
             raise EvaluationError(f"draft {name!r}: {path} is not an HF model folder (no config.json)")
-        draft_tok = AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else None
+        draft_tok = (
+            AutoTokenizer.from_pretrained(path) if (Path(path) / "tokenizer_config.json").exists() else None
+        )
         check_compatible(target_cfg, AutoConfig.from_pretrained(path), tokenizer, draft_tok)
 
 
 def _threads(cfg: EvaluateConfig) -> int:
+    """Torch threads per worker. On a shared, oversubscribed CPU more threads than free cores is far slower
+    (measured here: 2 threads 16x slower than 1 per SmolLM2 step under load), so set cpus_per_worker there."""
     return cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
 
 
-def _run_workers(model: ModelConfig, drafts: dict[str, str], settings: dict, prompts: list[EvalPrompt],
-                 cfg: EvaluateConfig) -> tuple[list[dict], list[dict]]:
+def _run_workers(
+    model: ModelConfig, drafts: dict[str, str], settings: dict, prompts: list[EvalPrompt], cfg: EvaluateConfig
+) -> tuple[list[dict], list[dict]]:
     """Spread prompts round-robin over ``num_workers`` Ray actors (run here when 1 on CPU)."""
     if cfg.num_workers == 1 and not cfg.use_gpu:
-        threads = cfg.cpus_per_worker  # 0: keep this process's thread setting
-        records, lat = Evaluator(model, drafts, settings, threads).run(prompts)
+        previous = torch.get_num_threads()
+        try:
+            records, lat = Evaluator(model, drafts, settings, _threads(cfg)).run(prompts)
+        finally:
+            torch.set_num_threads(previous)  # this process keeps its own setting afterwards
         return records, [lat]
     import ray
 
@@ -247,8 +304,12 @@ def _run_workers(model: ModelConfig, drafts: dict[str, str], settings: dict, pro
     return [r for recs, _ in outputs for r in recs], [lat for _, lat in outputs]
 
 
-def evaluate(model: ModelConfig, draft_paths: list[str], cfg: EvaluateConfig,
-             prompts: dict[str, list[EvalPrompt]] | None = None) -> EvalResults:
+def evaluate(
+    model: ModelConfig,
+    draft_paths: list[str],
+    cfg: EvaluateConfig,
+    prompts: dict[str, list[EvalPrompt]] | None = None,
+) -> EvalResults:
     """Evaluate each draft folder against ``model.target`` on the configured tasks and modes."""
     start = time.perf_counter()
     if not draft_paths:
@@ -264,15 +325,30 @@ def evaluate(model: ModelConfig, draft_paths: list[str], cfg: EvaluateConfig,
     drafts = _draft_names([str(p) for p in draft_paths])
     _check_drafts(model, drafts, tokenizer)
     if prompts is None:
-        prompts = load_tasks(tokenizer, cfg.tasks, cfg.prompts_per_task, cfg.seed, cfg.source,
-                             cfg.max_article_tokens, cfg.code_chat)
+        prompts = load_tasks(
+            tokenizer, cfg.tasks, cfg.prompts_per_task, cfg.seed, cfg.source, cfg.max_article_tokens, cfg.code_chat
+        )
     flat = [p for task_prompts in prompts.values() for p in task_prompts]
-    settings = {"gamma": cfg.gamma, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "seed": cfg.seed, "modes": modes, "stop_at_eos": cfg.stop_at_eos,
-                "use_gpu": cfg.use_gpu, "num_workers": cfg.num_workers, "source": cfg.source,
-                "prompts_per_task": cfg.prompts_per_task}
-    log.info("evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)", len(drafts), len(flat),
-             len(modes), cfg.num_workers)
+    settings = {
+        "gamma": cfg.gamma,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed,
+        "modes": modes,
+        "stop_at_eos": cfg.stop_at_eos,
+        "use_gpu": cfg.use_gpu,
+        "num_workers": cfg.num_workers,
+        "source": cfg.source,
+        "prompts_per_task": cfg.prompts_per_task,
+    }
+    log.info(
+        "evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)",
+        len(drafts),
+        len(flat),
+        len(modes),
+        cfg.num_workers,
+    )
     records, latencies = _run_workers(model, drafts, settings, flat, cfg)
     order = {p.id: i for i, p in enumerate(flat)}
     records.sort(key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"])))
@@ -288,8 +364,15 @@ def evaluate(model: ModelConfig, draft_paths: list[str], cfg: EvaluateConfig,
             setattr(info, key, sum(w[key] for w in worker_lat) / len(worker_lat) if worker_lat else 0.0)
         infos.append(info)
     tasks = list(prompts)
-    return EvalResults(model.target, settings, infos, records, aggregate(records, infos, cfg.gamma, tasks), tasks,
-                       time.perf_counter() - start)
+    return EvalResults(
+        model.target,
+        settings,
+        infos,
+        records,
+        aggregate(records, infos, cfg.gamma, tasks),
+        tasks,
+        time.perf_counter() - start,
+    )
 
 
 def _target_param_bytes(model: ModelConfig) -> int:

@@ -161,7 +161,9 @@ def _offline_items(task: str) -> dict[str, list[_Item]]:
         wiki = assets.extract_member("llamafactory", _LLAMAFACTORY + "wiki_demo.txt").read_text(encoding="utf-8")
         docs = [line.strip() for line in wiki.splitlines() if line.strip()]
         c4_path = assets.extract_member("llamafactory", _LLAMAFACTORY + "c4_demo.jsonl")
-        c4 = [json.loads(line)["text"].strip() for line in c4_path.read_text(encoding="utf-8").splitlines() if line]
+        c4 = [
+            json.loads(line)["text"].strip() for line in c4_path.read_text(encoding="utf-8").splitlines() if line
+        ]
         return {
             "wiki": [_Item(f"wiki/{i}", "wiki", d, d) for i, d in enumerate(docs) if is_reserved_for_eval(d)],
             "c4": [
@@ -173,12 +175,19 @@ def _offline_items(task: str) -> dict[str, list[_Item]]:
     if task == "code":
         with gzip.open(assets.extract_member("humaneval", _HUMANEVAL), "rt", encoding="utf-8") as fh:
             problems = [json.loads(line) for line in fh if line.strip()]  # prompts only: never exec anything
-        return {"humaneval": [_Item(p["task_id"], "humaneval", p["prompt"], p["prompt"])
-                              for p in problems if is_reserved_for_eval(p["prompt"])]}
+        return {
+            "humaneval": [
+                _Item(p["task_id"], "humaneval", p["prompt"], p["prompt"])
+                for p in problems
+                if is_reserved_for_eval(p["prompt"])
+            ]
+        }
     if task in ("story", "instruction"):
         want_story = task == "story"
-        return {name: [it for it in items if _is_story_request(it.message) == want_story]
-                for name, items in (("alpaca", _alpaca()), ("sharegpt", _sharegpt()))}
+        return {
+            name: [it for it in items if _is_story_request(it.message) == want_story]
+            for name, items in (("alpaca", _alpaca()), ("sharegpt", _sharegpt()))
+        }
     raise TaskError(f"unknown task family {task!r}; choose from {', '.join(TASKS)}")
 
 

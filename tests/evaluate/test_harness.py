@@ -13,7 +13,7 @@ from fastdraft_ray.specdec.decode import NEAR_TIE_LOGIT_GAP, first_divergence
 from tests.conftest import tiny_config
 
 SMALL = DraftConfig(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
-FAST = dict(prompts_per_task=1, max_new_tokens=8, gamma=3)
+FAST = dict(prompts_per_task=1, max_new_tokens=8, gamma=3, cpus_per_worker=1)  # 1 thread: shared 2-core CI
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,14 @@ def tokenizer(smollm2):
 def tiny_pair(tmp_path_factory, tokenizer):
     """A tiny random Llama target with the real tokenizer, and a tiny random draft derived from it."""
     root = tmp_path_factory.mktemp("tiny")
-    cfg = tiny_config("llama", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      max_position_embeddings=2048)
+    cfg = tiny_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=2048,
+    )
     target = save_draft(build_draft(cfg, seed=0), tokenizer, root / "target")
     draft = save_draft(build_draft(derive_draft_config(cfg, SMALL), seed=1), tokenizer, root / "draft")
     return str(target), str(draft)
@@ -54,8 +59,9 @@ def test_end_to_end_writes_every_report_file(tmp_path, tiny_pair, prompts):
     assert 0.0 <= by_key[("draft", "sampling", ALL)]["acceptance_rate"] < 1.0
     assert res.drafts[0].c_params == pytest.approx(res.drafts[0].param_bytes / res.drafts[1].param_bytes)
     assert all(d.draft_step_s > 0 and d.target_step_s > 0 for d in res.drafts)
-    assert set(res.metrics("draft", "greedy")) >= {f"eval/{t}/{m}" for t in TASKS for m in
-                                                    ("acceptance_rate", "block_efficiency", "mbsu", "speedup")}
+    assert set(res.metrics("draft", "greedy")) >= {
+        f"eval/{t}/{m}" for t in TASKS for m in ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
+    }
 
     out = write_report(res, str(tmp_path / "run"), config={"note": "test"})
     files = {p.name for p in (tmp_path / "run" / "eval").iterdir()}
@@ -73,24 +79,48 @@ def test_end_to_end_writes_every_report_file(tmp_path, tiny_pair, prompts):
 
 def test_greedy_results_do_not_depend_on_worker_count(ray_local, tiny_pair, prompts):
     target, draft = tiny_pair
-    one = evaluate(ModelConfig(target=target), [draft], EvaluateConfig(**FAST, modes=["greedy", "sampling"]),
-                   prompts=prompts)
-    two = evaluate(ModelConfig(target=target), [draft],
-                   EvaluateConfig(**FAST, modes=["greedy", "sampling"], num_workers=2, cpus_per_worker=1),
-                   prompts=prompts)
+    one = evaluate(
+        ModelConfig(target=target), [draft], EvaluateConfig(**FAST, modes=["greedy", "sampling"]), prompts=prompts
+    )
+    two = evaluate(
+        ModelConfig(target=target),
+        [draft],
+        EvaluateConfig(**FAST, modes=["greedy", "sampling"], num_workers=2),
+        prompts=prompts,
+    )
     keys = ("prompt_id", "mode", "proposed", "accepted", "steps", "new_tokens", "tokens")
     assert [[r[k] for k in keys] for r in one.records] == [[r[k] for k in keys] for r in two.records]
     for a, b in zip(one.rows, two.rows, strict=True):
-        assert (a["task"], a["acceptance_rate"], a["block_efficiency"], a["mbsu"]) == \
-               (b["task"], b["acceptance_rate"], b["block_efficiency"], b["mbsu"])
+        assert (a["task"], a["acceptance_rate"], a["block_efficiency"], a["mbsu"]) == (
+            b["task"],
+            b["acceptance_rate"],
+            b["block_efficiency"],
+            b["mbsu"],
+        )
 
 
 def test_aggregate_golden_values():
     info = DraftInfo("d", "/d", c_params=0.1, draft_step_s=0.01, target_step_s=0.05, verify_step_s=0.08)
-    rec = dict(task="code", prompt_id="code/x", draft="d", mode="greedy", proposed=6, accepted=3, steps=3,
-               new_tokens=6, wall_time_s=1.0, base_new_tokens=6, base_wall_time_s=1.5, matches_target=True)
-    rows = aggregate([rec, {**rec, "prompt_id": "code/y", "accepted": 0, "steps": 6, "wall_time_s": 2.0}],
-                     [info], gamma=3, tasks=["code"])
+    rec = dict(
+        task="code",
+        prompt_id="code/x",
+        draft="d",
+        mode="greedy",
+        proposed=6,
+        accepted=3,
+        steps=3,
+        new_tokens=6,
+        wall_time_s=1.0,
+        base_new_tokens=6,
+        base_wall_time_s=1.5,
+        matches_target=True,
+    )
+    rows = aggregate(
+        [rec, {**rec, "prompt_id": "code/y", "accepted": 0, "steps": 6, "wall_time_s": 2.0}],
+        [info],
+        gamma=3,
+        tasks=["code"],
+    )
     code = rows[0]
     assert (code["task"], code["prompts"], code["acceptance_rate"]) == ("code", 2, 3 / 12)
     assert code["block_efficiency"] == 12 / 9
@@ -121,10 +151,15 @@ def test_bad_configurations_fail_clearly(tmp_path, tiny_pair, tokenizer, prompts
 @pytest.mark.real_target
 def test_real_target_with_random_draft(tmp_path, smollm2_dir, smollm2, prompts):
     target_model, tokenizer = smollm2
-    draft = save_draft(build_draft(derive_draft_config(target_model.config, SMALL), seed=0), tokenizer,
-                       tmp_path / "random_draft")
-    res = evaluate(ModelConfig(target=str(smollm2_dir)), [str(draft)],
-                   EvaluateConfig(prompts_per_task=1, max_new_tokens=16), prompts=prompts)
+    draft = save_draft(
+        build_draft(derive_draft_config(target_model.config, SMALL), seed=0), tokenizer, tmp_path / "random_draft"
+    )
+    res = evaluate(
+        ModelConfig(target=str(smollm2_dir)),
+        [str(draft)],
+        EvaluateConfig(prompts_per_task=1, max_new_tokens=16, cpus_per_worker=1),
+        prompts=prompts,
+    )
     greedy = {r["task"]: r for r in res.rows if r["mode"] == "greedy"}
     assert set(greedy) == {*TASKS, ALL}
     assert greedy[ALL]["acceptance_rate"] < 0.3  # a random draft is (almost) never right
@@ -135,6 +170,7 @@ def test_real_target_with_random_draft(tmp_path, smollm2_dir, smollm2, prompts):
             import torch
 
             from fastdraft_ray.specdec.decode import autoregressive_generate
+
             x = torch.tensor([ids])
             ref = autoregressive_generate(target_model, x, max_new_tokens=16, eos_token_id=2).tokens
             _, gap = first_divergence(target_model, x, ref, rec["tokens"])

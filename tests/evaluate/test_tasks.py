@@ -3,8 +3,7 @@
 import pytest
 
 from fastdraft_ray.data.holdout import is_reserved_for_eval
-from fastdraft_ray.evaluate.tasks import (SUMMARIZE, TASKS, TaskError, _is_story_request, _offline_items,
-                                          load_tasks)
+from fastdraft_ray.evaluate.tasks import SUMMARIZE, TASKS, TaskError, _is_story_request, _offline_items, load_tasks
 from fastdraft_ray.models.target import load_tokenizer
 
 
@@ -45,8 +44,9 @@ def test_selected_prompts_are_reserved_and_built_from_their_source(tasks):
 
 def test_selection_is_fixed_by_seed(tokenizer, tasks):
     again = load_tasks(tokenizer, prompts_per_task=4, seed=0)
-    assert {t: [(p.id, p.input_ids) for p in ps] for t, ps in again.items()} == \
-           {t: [(p.id, p.input_ids) for p in ps] for t, ps in tasks.items()}
+    assert {t: [(p.id, p.input_ids) for p in ps] for t, ps in again.items()} == {
+        t: [(p.id, p.input_ids) for p in ps] for t, ps in tasks.items()
+    }
     other = load_tasks(tokenizer, prompts_per_task=4, seed=1)
     assert any([p.id for p in other[t]] != [p.id for p in tasks[t]] for t in TASKS)
 
@@ -80,3 +80,25 @@ def test_bad_requests_fail_clearly(tokenizer):
         load_tasks(tokenizer, ["code"], source="s3")
     with pytest.raises(TaskError, match="evaluate.source=offline"):  # HF_HUB_OFFLINE=1 in tests
         load_tasks(tokenizer, ["code"], 1, source="hub")
+
+
+def test_no_eval_item_survives_in_trainable_data():
+    """Cross-check with data preparation: the trainable documents of the embedded corpora contain none of the
+    evaluation items (wiki and c4 documents, ShareGPT first human turns)."""
+    from fastdraft_ray.data.holdout import normalise
+    from fastdraft_ray.data.sources import iter_documents
+
+    docs = {normalise(it.source_text) for items in _offline_items("summarization").values() for it in items}
+    trainable = {
+        normalise(d.text) for src in ("embedded:wiki", "embedded:c4") for d in iter_documents(src, reserved=False)
+    }
+    assert docs and not docs & trainable
+    turns = {
+        normalise(it.source_text) for task in ("story", "instruction") for it in _offline_items(task)["sharegpt"]
+    }
+    first_user = {
+        normalise(next(m["content"] for m in d.messages if m["role"] == "user"))
+        for d in iter_documents("embedded:sharegpt", reserved=False)
+        if d.messages and any(m["role"] == "user" for m in d.messages)
+    }
+    assert turns and len(first_user) > 5000 and not turns & first_user
