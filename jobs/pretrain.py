@@ -25,7 +25,9 @@ log = logging.getLogger("pretrain")
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("--stage", choices=["pt", "cp"], required=True, help="pt: from scratch; cp: from PT export")
+    parser.add_argument(
+        "--stage", choices=["pt", "cp"], required=True, help="pt: from scratch; cp: from PT export"
+    )
     parser.add_argument("--data", help="prepared shard folder (default: from data.output / data.name)")
     parser.add_argument("--init-from", help="HF draft folder to start from (cp default: <run_dir>/pt/export)")
 
@@ -39,11 +41,15 @@ def main() -> None:
     if args.stage == "cp" and not init_from:
         init_from = str(stage_dir(cfg, "pt") / "export")
         if not Path(init_from, "config.json").exists():
-            raise SystemExit(f"CP starts from the PT export, but {init_from} does not exist: run --stage pt first "
-                             "(or pass --init-from DIR)")
+            raise SystemExit(
+                f"CP starts from the PT export, but {init_from} does not exist: run --stage pt first "
+                "(or pass --init-from DIR)"
+            )
     done = completed_record(cfg)
     if done is not None:
-        print(f"stage {args.stage} already done: {stage_dir(cfg)}/DONE.json; metrics {json.dumps(done['metrics'])}")
+        print(
+            f"stage {args.stage} already done: {stage_dir(cfg)}/DONE.json; metrics {json.dumps(done['metrics'])}"
+        )
         return
     local = not os.environ.get("RAY_ADDRESS")
     # Locally, count one logical CPU more than the cores so Ray Data can read shards beside the workers.
@@ -51,8 +57,10 @@ def main() -> None:
     init_ray(**({"num_cpus": max(os.cpu_count() or 1, need) + 1} if local else {}))
     record = train_stage(cfg, data_dir, init_from=init_from)
     metrics = record["metrics"]
-    print(f"stage {args.stage}: {record['geometry']['tokens']:,} tokens in {record['wall_time_s']:.0f} s; "
-          f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}")
+    print(
+        f"stage {args.stage}: {record['geometry']['tokens']:,} tokens in {record['wall_time_s']:.0f} s; "
+        f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
+    )
     print(f"draft exported to {record['outputs']['export']}")
 
 

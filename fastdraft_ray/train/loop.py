@@ -6,10 +6,13 @@ validation, TensorBoard, checkpoints with the data position, resume, and the fin
   init_dir       HF folder the draft starts from (weights + the target's tokenizer)
   stage_dir      ``<run_dir>/<stage>``: TensorBoard in ``tb/``, the export in ``export/`` (shared storage)
   seq_len, rows_per_epoch, data_start_row   data geometry (see ``position.py``)
+  has_val        whether a "val" dataset was passed (validation loss every ``eval_every`` steps)
   trace_dir      optional: every rank appends one JSON line per optimizer step (rows trained, loss) -- an audit
                  log used by the fault-tolerance test
-  fail_at        optional test hook ``{"rank", "step", "marker"}``: that rank's process dies (``os._exit``) right
-                 after that step, once (the marker file remembers it) -- a real process death, not an exception
+  fail_at        optional test hook ``{"rank", "step", "marker", "delay_s"}``: that rank's process dies
+                 (``os._exit``) ``delay_s`` after that step, once (the marker file remembers it) -- a real process
+                 death, not an exception. Ray Train V2 registers a reported checkpoint when its controller next
+                 polls the workers (every 2 s): a death inside that window falls back to the checkpoint before.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 
 
-def _mean_across(values: list[float]) -> list[float]:
-    """Average scalars over all workers (one all-reduce)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def _mean_across(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Average scalars over all workers (one all-reduce; ``device`` must suit the backend: cuda for NCCL)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -63,11 +66,11 @@ def _batches(iterator, geo: Geometry, skip_rows: int):
         yield _as_rows(batch)
 
 
-def _val_rows(geo: Geometry, n_rows: int) -> np.ndarray | None:
+def _val_rows(geo: Geometry, n_rows: int, has_val: bool) -> np.ndarray | None:
     """The first ``n_rows`` of the val split (trimmed to whole global micro-batches), or None if there is none."""
-    shard = ray.train.get_dataset_shard("val")
-    if shard is None or n_rows <= 0:
+    if not has_val or n_rows <= 0:
         return None
+    shard = ray.train.get_dataset_shard("val")
     chunks, have = [], 0
     for batch in shard.iter_batches(batch_size=geo.rows_per_micro_step, batch_format="numpy"):
         chunks.append(_as_rows(batch))
@@ -89,10 +92,10 @@ def _validate(engine, rows: np.ndarray | None, geo: Geometry, rank: int) -> floa
     engine.eval()
     total = 0.0
     for start in range(0, len(rows), geo.rows_per_micro_step):
-        mine = rows[start: start + geo.rows_per_micro_step][geo.worker_slice(rank)]
-        total += lm_loss(engine, torch.from_numpy(mine)).item()
+        mine = rows[start : start + geo.rows_per_micro_step][geo.worker_slice(rank)]
+        total += lm_loss(engine, torch.from_numpy(mine).to(engine.device)).item()
     engine.train()
-    return _mean_across([total / (len(rows) // geo.rows_per_micro_step)])[0]
+    return _mean_across([total / (len(rows) // geo.rows_per_micro_step)], engine.device)[0]
 
 
 def _save(engine, position: DataPosition, geo: Geometry, metrics: dict, rank: int) -> None:
@@ -103,8 +106,11 @@ def _save(engine, position: DataPosition, geo: Geometry, metrics: dict, rank: in
         if rank == 0:
             state = {"position": position.to_dict(), "geometry": geo.to_dict(), "metrics": metrics}
             Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{position.step:08d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{position.step:08d}",
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -113,8 +119,10 @@ def _restore(engine, checkpoint, geo: Geometry) -> tuple[DataPosition, dict]:
     with checkpoint.as_directory() as ckpt_dir:
         state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
         if state["geometry"] != geo.to_dict():
-            raise RuntimeError(f"checkpoint geometry {state['geometry']} differs from this run's {geo.to_dict()}: "
-                               "resume with the same num_workers, micro_batch_size, grad_accum_steps and seq_len")
+            raise RuntimeError(
+                f"checkpoint geometry {state['geometry']} differs from this run's {geo.to_dict()}: "
+                "resume with the same num_workers, micro_batch_size, grad_accum_steps and seq_len"
+            )
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir}")
@@ -140,6 +148,13 @@ def _export(engine, init_dir: str, out_dir: Path, train: TrainConfig, rank: int)
         save_draft(model.eval(), AutoTokenizer.from_pretrained(init_dir), tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Trace:
@@ -172,8 +187,10 @@ def train_fn_per_worker(config: dict) -> None:
     model = load_draft(config["init_dir"]).train()
     model.config.use_cache = False
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, total_steps))
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train, total_steps),
+    )
     position, last_metrics = DataPosition(0, 0, int(config["rows_per_epoch"])), {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -185,11 +202,17 @@ def train_fn_per_worker(config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(stage_dir / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
-        log.info("rank 0: %d workers, %d steps of %d tokens, starting at step %d (row %d)", world, total_steps,
-                 geo.tokens_per_step, resumed_at, position.rows_consumed)
+        log.info(
+            "rank 0: %d workers, %d steps of %d tokens, starting at step %d (row %d)",
+            world,
+            total_steps,
+            geo.tokens_per_step,
+            resumed_at,
+            position.rows_consumed,
+        )
     trace = _Trace(config.get("trace_dir"), rank)
     fail_at = config.get("fail_at") or {}
-    val_rows = _val_rows(geo, train.val_rows)
+    val_rows = _val_rows(geo, train.val_rows, bool(config.get("has_val", True)))
 
     start_row = int(config.get("data_start_row", 0))
     batches = _batches(ray.train.get_dataset_shard("train"), geo, position.rows_consumed - start_row)
@@ -203,7 +226,7 @@ def train_fn_per_worker(config: dict) -> None:
                 rows = next(batches)[geo.worker_slice(rank)]
             except StopIteration as exc:
                 raise RuntimeError(f"training data ran out at step {step + 1} of {total_steps}") from exc
-            loss = lm_loss(engine, torch.from_numpy(rows))
+            loss = lm_loss(engine, torch.from_numpy(rows).to(engine.device))
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -213,14 +236,27 @@ def train_fn_per_worker(config: dict) -> None:
         window_time += time.perf_counter() - t0
         window_steps += 1
         position = DataPosition(step, step * geo.rows_per_step, position.rows_per_epoch)
-        mean_loss = _mean_across([float(np.mean(losses))])[0]
-        trace.write(step=step, rank=rank, rows=ids, loss=mean_loss, local_loss=float(np.mean(losses)),
-                    resumed_at=resumed_at, node=ray.get_runtime_context().get_node_id() if trace.path else None)
+        mean_loss = _mean_across([float(np.mean(losses))], engine.device)[0]
+        trace.write(
+            step=step,
+            rank=rank,
+            rows=ids,
+            loss=mean_loss,
+            local_loss=float(np.mean(losses)),
+            resumed_at=resumed_at,
+            seconds=time.perf_counter() - t0,
+            peak_rss_mb=_peak_rss_mb(),
+            node=ray.get_runtime_context().get_node_id() if trace.path else None,
+        )
         if writer is not None and (step % train.log_every == 0 or step == total_steps):
             tokens_per_s = window_steps * geo.tokens_per_step / max(window_time, 1e-9)
-            for name, value in (("train/loss", mean_loss), ("train/lr", lr), ("train/tokens_per_s", tokens_per_s),
-                                ("train/samples_seen", position.rows_consumed),
-                                ("train/tokens_seen", position.rows_consumed * geo.seq_len)):
+            for name, value in (
+                ("train/loss", mean_loss),
+                ("train/lr", lr),
+                ("train/tokens_per_s", tokens_per_s),
+                ("train/samples_seen", position.rows_consumed),
+                ("train/tokens_seen", position.rows_consumed * geo.seq_len),
+            ):
                 writer.add_scalar(name, value, step)
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, total_steps, mean_loss, lr, tokens_per_s)
             window_time, window_steps = 0.0, 0
@@ -228,15 +264,26 @@ def train_fn_per_worker(config: dict) -> None:
             val_loss = _validate(engine, val_rows, geo, rank)
             if writer is not None and val_loss is not None:
                 writer.add_scalar("val/loss", val_loss, step)
-        metrics = {"step": step, "train/loss": mean_loss, "train/lr": lr, "val/loss": val_loss,
-                   "train/tokens_seen": position.rows_consumed * geo.seq_len,
-                   "train/samples_seen": position.rows_consumed}
+        metrics = {
+            "step": step,
+            "train/loss": mean_loss,
+            "train/lr": lr,
+            "val/loss": val_loss,
+            "train/tokens_seen": position.rows_consumed * geo.seq_len,
+            "train/samples_seen": position.rows_consumed,
+        }
         if step == total_steps:
             _export(engine, config["init_dir"], stage_dir / "export", train, rank)
         if step % train.checkpoint_every == 0 or step == total_steps:
             _save(engine, position, geo, metrics, rank)
-        if fail_at and rank == fail_at["rank"] and step == fail_at["step"] and not Path(fail_at["marker"]).exists():
+        if (
+            fail_at
+            and rank == fail_at["rank"]
+            and step == fail_at["step"]
+            and not Path(fail_at["marker"]).exists()
+        ):
             Path(fail_at["marker"]).write_text(str(os.getpid()))
+            time.sleep(float(fail_at.get("delay_s", 0)))
             os._exit(1)
     if resumed_at == total_steps:  # the final checkpoint exists: only make sure the export does too
         _export(engine, config["init_dir"], stage_dir / "export", train, rank)

@@ -41,12 +41,15 @@ def completed_record(cfg: RunConfig) -> dict | None:
         return None
     record = json.loads(done.read_text())
     if record.get("config") != to_dict(cfg):
-        raise ValueError(f"{done} records a finished run with a different config; choose another run_name "
-                         "(or delete that stage folder to retrain it)")
+        raise ValueError(
+            f"{done} records a finished run with a different config; choose another run_name "
+            "(or delete that stage folder to retrain it)"
+        )
     return record
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file (input fingerprints in DONE.json)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -57,8 +60,14 @@ def _file_digest(path: Path) -> str:
 def prepare_init(cfg: RunConfig, out: Path, init_from: str | None) -> Path:
     """Write the stage's starting draft to ``out``: a copy of ``init_from`` or a fresh draft derived from the
     target (``cfg.draft`` shape, ``cfg.train.seed``), with the target's tokenizer. Idempotent."""
-    from fastdraft_ray.models.draft import build_draft, check_compatible, derive_draft_config, draft_for_budget
-    from fastdraft_ray.models.draft import load_draft, save_draft
+    from fastdraft_ray.models.draft import (
+        build_draft,
+        check_compatible,
+        derive_draft_config,
+        draft_for_budget,
+        load_draft,
+        save_draft,
+    )
     from fastdraft_ray.models.target import load_target_config, load_tokenizer
 
     if (out / "config.json").exists():
@@ -95,19 +104,29 @@ def _resume_position(sdir: Path) -> DataPosition | None:
     return DataPosition.from_dict(state["position"])
 
 
-def build_datasets(data_dir: str, cfg: RunConfig, start_row: int, end_row: int, tokenizer_hash: str,
-                   rows_per_epoch: int) -> dict:
+def build_datasets(
+    data_dir: str, cfg: RunConfig, start_row: int, end_row: int, tokenizer_hash: str, rows_per_epoch: int
+) -> dict:
     """``{"train": rows [start_row, end_row) of the global order, "val": the val split}`` as Ray Datasets."""
     from fastdraft_ray.data.stream import read_manifest, training_dataset
 
-    parts = [training_dataset(data_dir, split="train", seed=cfg.train.seed, epoch=epoch, skip_rows=skip,
-                              expected_tokenizer_hash=tokenizer_hash)
-             for epoch, skip in epoch_plan(start_row, end_row, rows_per_epoch)]
+    parts = [
+        training_dataset(
+            data_dir,
+            split="train",
+            seed=cfg.train.seed,
+            epoch=epoch,
+            skip_rows=skip,
+            expected_tokenizer_hash=tokenizer_hash,
+        )
+        for epoch, skip in epoch_plan(start_row, end_row, rows_per_epoch)
+    ]
     train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     datasets = {"train": train}
     if cfg.train.val_rows > 0 and _split_rows(read_manifest(data_dir), "val"):
-        datasets["val"] = training_dataset(data_dir, split="val", seed=0, epoch=0,
-                                           expected_tokenizer_hash=tokenizer_hash)
+        datasets["val"] = training_dataset(
+            data_dir, split="val", seed=0, epoch=0, expected_tokenizer_hash=tokenizer_hash
+        )
     return datasets
 
 
@@ -124,13 +143,19 @@ def _check_cpus(tc) -> None:
         return
     total, needed = ray.cluster_resources().get("CPU", 0), tc.num_workers * tc.cpus_per_worker
     if total - needed < 0.25:
-        log.warning("the cluster has %s CPUs and the %d training workers take %s: nothing is left for reading the "
-                    "token shards (Ray Data), so training may wait forever. Add a CPU (ray.init(num_cpus=...) "
-                    "counts logical CPUs) or lower train.cpus_per_worker/num_workers.", total, tc.num_workers, needed)
+        log.warning(
+            "the cluster has %s CPUs and the %d training workers take %s: nothing is left for reading the "
+            "token shards (Ray Data), so training may wait forever. Add a CPU (ray.init(num_cpus=...) "
+            "counts logical CPUs) or lower train.cpus_per_worker/num_workers.",
+            total,
+            tc.num_workers,
+            needed,
+        )
 
 
-def train_stage(cfg: RunConfig, data_dir: str, *, init_from: str | None = None,
-                extra_loop_config: dict | None = None) -> dict:
+def train_stage(
+    cfg: RunConfig, data_dir: str, *, init_from: str | None = None, extra_loop_config: dict | None = None
+) -> dict:
     """Train stage ``cfg.train.stage`` on the prepared shards in ``data_dir``; returns the DONE.json record.
 
     Resumes the stage's latest checkpoint if the run directory has one. ``extra_loop_config`` is merged into
@@ -156,8 +181,10 @@ def train_stage(cfg: RunConfig, data_dir: str, *, init_from: str | None = None,
     DataContext.get_current().enable_progress_bars = False
     tokenizer_hash = tokenizer_fingerprint(load_tokenizer(cfg.model.target, cfg.model.trust_remote_code))
     if manifest.get("tokenizer_hash") != tokenizer_hash:
-        raise ValueError(f"{data_dir} was tokenized with a different tokenizer than target {cfg.model.target} "
-                         f"(hash {manifest.get('tokenizer_hash')} vs {tokenizer_hash}); re-run data preparation")
+        raise ValueError(
+            f"{data_dir} was tokenized with a different tokenizer than target {cfg.model.target} "
+            f"(hash {manifest.get('tokenizer_hash')} vs {tokenizer_hash}); re-run data preparation"
+        )
     geo = Geometry(tc.num_workers, tc.micro_batch_size, tc.grad_accum_steps, int(manifest["seq_len"]))
     total_steps = geo.total_steps(tc.token_budget)
     deepspeed_config(tc, total_steps)  # validate before starting workers
@@ -168,19 +195,32 @@ def train_stage(cfg: RunConfig, data_dir: str, *, init_from: str | None = None,
     start_row = resume.rows_consumed if resume else 0
     if resume:
         log.info("resuming stage %s at step %d (global row %d)", stage, resume.step, start_row)
-    datasets = build_datasets(data_dir, cfg, start_row, max(start_row, total_steps * geo.rows_per_step),
-                              tokenizer_hash, rows_per_epoch)
-    loop_config = {"run": to_dict(cfg), "init_dir": str(init_dir), "stage_dir": str(sdir), "seq_len": geo.seq_len,
-                   "rows_per_epoch": rows_per_epoch, "data_start_row": start_row, **(extra_loop_config or {})}
-    resources = {**({"CPU": tc.cpus_per_worker} if not tc.use_gpu else {}), **tc.worker_resources} or None
+    datasets = build_datasets(
+        data_dir, cfg, start_row, max(start_row, total_steps * geo.rows_per_step), tokenizer_hash, rows_per_epoch
+    )
+    loop_config = {
+        "run": to_dict(cfg),
+        "init_dir": str(init_dir),
+        "stage_dir": str(sdir),
+        "seq_len": geo.seq_len,
+        "rows_per_epoch": rows_per_epoch,
+        "data_start_row": start_row,
+        "has_val": "val" in datasets,
+        **(extra_loop_config or {}),
+    }
+    resources = {"CPU": tc.cpus_per_worker, **tc.worker_resources}  # Ray adds GPU: 1 when use_gpu
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=sdir.name, storage_path=str(sdir.parent),
+            name=sdir.name,
+            storage_path=str(sdir.parent),
             failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep))),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep)),
+        ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -194,11 +234,13 @@ def train_stage(cfg: RunConfig, data_dir: str, *, init_from: str | None = None,
         "metrics": dict(result.metrics or {}),
         "wall_time_s": round(time.time() - started, 1),
         "geometry": {**geo.to_dict(), "total_steps": total_steps, "tokens": total_steps * geo.tokens_per_step},
-        "inputs": {"data_dir": str(Path(data_dir).resolve()),
-                   "manifest_sha256": _file_digest(Path(data_dir) / "manifest.json"),
-                   "tokenizer_hash": tokenizer_hash,
-                   "init_from": init_from,
-                   "init_sha256": _file_digest(init_dir / "model.safetensors")},
+        "inputs": {
+            "data_dir": str(Path(data_dir).resolve()),
+            "manifest_sha256": file_digest(Path(data_dir) / "manifest.json"),
+            "tokenizer_hash": tokenizer_hash,
+            "init_from": init_from,
+            "init_sha256": file_digest(init_dir / "model.safetensors"),
+        },
         "outputs": {"export": str(export), "checkpoint": result.checkpoint.path if result.checkpoint else None},
     }
     (sdir / "DONE.json").write_text(json.dumps(record, indent=1, default=str))

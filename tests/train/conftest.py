@@ -19,8 +19,9 @@ def save_tiny_target(out: Path) -> Path:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, TINY_VOCAB)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+    )
     LlamaForCausalLM(tiny_config("llama")).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -46,11 +47,24 @@ def tiny_data(tmp_path_factory, tiny_hash) -> Path:
 
 def tiny_run_config(tiny_target: Path, storage: Path, run_name: str = "t", **train):
     """A RunConfig for the tiny target: 2-layer 32-wide draft, 2 workers x 1 CPU, ZeRO-2, fp32."""
-    overrides = [f"model.target={tiny_target}", f"storage={storage}", f"run_name={run_name}",
-                 "draft.num_layers=2", "draft.hidden_size=32", "draft.num_heads=2", "draft.num_kv_heads=1",
-                 "draft.intermediate_size=64", "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=0.01",
-                 "train.token_budget=1024", "train.eval_every=4", "train.checkpoint_every=4", "train.log_every=1",
-                 "train.val_rows=8"]
+    overrides = [
+        f"model.target={tiny_target}",
+        f"storage={storage}",
+        f"run_name={run_name}",
+        "draft.num_layers=2",
+        "draft.hidden_size=32",
+        "draft.num_heads=2",
+        "draft.num_kv_heads=1",
+        "draft.intermediate_size=64",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=2",
+        "train.lr=0.01",
+        "train.token_budget=1024",
+        "train.eval_every=4",
+        "train.checkpoint_every=4",
+        "train.log_every=1",
+        "train.val_rows=8",
+    ]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     return load_config(None, overrides)
 

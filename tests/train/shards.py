@@ -23,8 +23,17 @@ def synthetic_rows(n: int, row_len: int, vocab_size: int, rng: np.random.Generat
     return rows
 
 
-def write_shards(data_dir: Path, *, tokenizer_hash: str, vocab_size: int, seq_len: int = 16, train_rows: int = 64,
-                 val_rows: int = 16, rows_per_shard: int = 16, seed: int = 0) -> Path:
+def write_shards(
+    data_dir: Path,
+    *,
+    tokenizer_hash: str,
+    vocab_size: int,
+    seq_len: int = 16,
+    train_rows: int = 64,
+    val_rows: int = 16,
+    rows_per_shard: int = 16,
+    seed: int = 0,
+) -> Path:
     """A prepared-shards folder with ``train_rows``/``val_rows`` rows of ``seq_len + 1`` int32 ids."""
     rng = np.random.default_rng(seed)
     data_dir = Path(data_dir)
@@ -34,9 +43,18 @@ def write_shards(data_dir: Path, *, tokenizer_hash: str, vocab_size: int, seq_le
         writer.add(synthetic_rows(n, seq_len + 1, vocab_size, rng, tag=3 * tag))
         writer.flush()
         splits[split] = {"rows": n, "tokens": n * (seq_len + 1), "documents": n, "shards": writer.shards}
-    manifest = {"format": "fastdraft-ray/token-shards/v1", "tokenizer": "tiny", "tokenizer_hash": tokenizer_hash,
-                "vocab_size": vocab_size, "seq_len": seq_len, "row_len": seq_len + 1, "column": "input_ids",
-                "dtype": "int32", "rows": {s: v["rows"] for s, v in splits.items()},
-                "tokens": {s: v["tokens"] for s, v in splits.items()}, "splits": splits}
+    manifest = {
+        "format": "fastdraft-ray/token-shards/v1",
+        "tokenizer": "tiny",
+        "tokenizer_hash": tokenizer_hash,
+        "vocab_size": vocab_size,
+        "seq_len": seq_len,
+        "row_len": seq_len + 1,
+        "column": "input_ids",
+        "dtype": "int32",
+        "rows": {s: v["rows"] for s, v in splits.items()},
+        "tokens": {s: v["tokens"] for s, v in splits.items()},
+        "splits": splits,
+    }
     (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return data_dir

@@ -1,4 +1,5 @@
-"""A training worker process dies mid-run (``os._exit`` right after step 6, a real process death): Ray Train
+"""A training worker process dies mid-run (``os._exit`` 5 s after step 10, a real process death;
+the delay lets Ray Train's controller register the step-8 checkpoint, which it does when it polls, every 2 s): Ray Train
 restarts the worker group from the step-4 checkpoint, the run finishes its whole token budget, the loss after the
 resume continues from the checkpointed state, and no row is trained twice (nor skipped) by the final model."""
 
@@ -12,10 +13,16 @@ from tests.train.conftest import tiny_run_config
 def test_killed_worker_resumes_from_checkpoint_without_retraining_rows(tmp_path, tiny_target, tiny_data, ray_3cpu):
     from fastdraft_ray.train.run import train_stage
 
-    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=1536, max_failures=1)
+    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=1536, max_failures=3)
     marker = tmp_path / "died"
-    record = train_stage(cfg, str(tiny_data), extra_loop_config={
-        "trace_dir": str(tmp_path), "fail_at": {"rank": 1, "step": 6, "marker": str(marker)}})
+    record = train_stage(
+        cfg,
+        str(tiny_data),
+        extra_loop_config={
+            "trace_dir": str(tmp_path),
+            "fail_at": {"rank": 1, "step": 10, "marker": str(marker), "delay_s": 5},
+        },
+    )
     assert marker.exists(), "the fault was not injected"
 
     trace = read_trace(tmp_path)
@@ -24,11 +31,11 @@ def test_killed_worker_resumes_from_checkpoint_without_retraining_rows(tmp_path,
     assert str(pids[1][0]) == marker.read_text()
     first_try = {rec["step"]: rec for rec in trace[0] if rec["pid"] == pids[0][0]}
     second_try = [rec for rec in trace[0] if rec["pid"] == pids[0][1]]
-    assert max(first_try) == 6 and second_try[0]["step"] == 5 and second_try[0]["resumed_at"] == 4
+    assert max(first_try) == 10 and second_try[0]["step"] == 9 and second_try[0]["resumed_at"] == 8
 
-    # resumed from the step-4 state: step 5 is the same computation again (same weights, same rows)
-    assert second_try[0]["rows"] == first_try[5]["rows"]
-    assert abs(second_try[0]["loss"] - first_try[5]["loss"]) < 1e-4, (second_try[0]["loss"], first_try[5]["loss"])
+    # resumed from the step-8 state: step 9 is the same computation again (same weights, same rows)
+    assert second_try[0]["rows"] == first_try[9]["rows"]
+    assert abs(second_try[0]["loss"] - first_try[9]["loss"]) < 1e-4, (second_try[0]["loss"], first_try[9]["loss"])
     assert second_try[0]["loss"] < first_try[1]["loss"] - 0.3  # no jump back to the initial loss
 
     # the full budget, and the final model's lineage is exactly the global row order, each row once
@@ -38,4 +45,5 @@ def test_killed_worker_resumes_from_checkpoint_without_retraining_rows(tmp_path,
     assert sorted(steps) == list(range(1, total + 1))
     assert record["metrics"]["train/tokens_seen"] == 1536
     assert lineage == expected_rows(tiny_data, total * geo.rows_per_step)
-    assert len(set(lineage)) == len(lineage) - 32  # 96 rows = epoch 0 (64) + 32 rows of epoch 1, each once per epoch
+    # 96 rows = all 64 of epoch 0 + the first 32 of epoch 1: each row at most once per epoch
+    assert len(set(lineage)) == len(lineage) - 32

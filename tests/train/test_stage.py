@@ -36,7 +36,10 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     assert record["geometry"]["tokens"] == 1536 and record["metrics"]["train/tokens_seen"] == 1536
 
     sdir = tmp_path / "runs" / "t" / "pt"
-    assert json.loads((sdir / "DONE.json").read_text())["inputs"]["tokenizer_hash"] == record["inputs"]["tokenizer_hash"]
+    assert (
+        json.loads((sdir / "DONE.json").read_text())["inputs"]["tokenizer_hash"]
+        == record["inputs"]["tokenizer_hash"]
+    )
     draft = AutoModelForCausalLM.from_pretrained(sdir / "export")
     check_compatible(AutoModelForCausalLM.from_pretrained(tiny_target).config, draft)
     with torch.no_grad():
@@ -46,8 +49,14 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
 
     events = EventAccumulator(str(sdir / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/tokens_per_s", "train/lr", "val/loss", "train/samples_seen",
-            "train/tokens_seen"} <= tags
+    assert {
+        "train/loss",
+        "train/tokens_per_s",
+        "train/lr",
+        "val/loss",
+        "train/samples_seen",
+        "train/tokens_seen",
+    } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, total + 1))
 
     # the finished stage is recognised by the job (DONE.json with the same config) and skipped

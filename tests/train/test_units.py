@@ -37,8 +37,16 @@ def test_epoch_plan_covers_a_row_range_across_epochs():
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_deepspeed_config_follows_the_typed_config(zero, precision):
-    tc = TrainConfig(zero_stage=zero, precision=precision, micro_batch_size=4, grad_accum_steps=3, warmup_steps=10,
-                     lr=2e-3, min_lr_ratio=0.2, grad_clip=0.5)
+    tc = TrainConfig(
+        zero_stage=zero,
+        precision=precision,
+        micro_batch_size=4,
+        grad_accum_steps=3,
+        warmup_steps=10,
+        lr=2e-3,
+        min_lr_ratio=0.2,
+        grad_clip=0.5,
+    )
     ds = deepspeed_config(tc, total_steps=100)
     assert ds["zero_optimization"]["stage"] == zero
     assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is False
