@@ -38,7 +38,6 @@ from fastdraft_ray.specdec.sampling import (
     verify_sampled,
 )
 
-
 # Largest top-2 logit gap at which fp32 rounding differences between chunked and one-token scoring are allowed
 # to flip a greedy choice (fp32 logits of magnitude ~10-30 carry ~1e-6 absolute error per op; 1e-4 is generous
 # yet far below the gaps of ordinary tokens, typically > 0.1).
@@ -100,16 +99,20 @@ class DecodeResult:
 
 
 class _Runner:
-    """One model with its KV cache: a forward call that appends to the cache and returns the last k logits."""
+    """One model with its KV cache: a forward call that appends to the cache and returns the last k logits.
 
-    def __init__(self, model: PreTrainedModel):
+    ``rollback=True`` (speculative decoding) checks after the first forward that the cache can be cropped and
+    makes sliding-window layers keep their states until the next ``crop``.
+    """
+
+    def __init__(self, model: PreTrainedModel, rollback: bool = True):
         self.model = model
         params = inspect.signature(model.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.keep_logits = "logits_to_keep" in params
         self.cache = DynamicCache(config=model.config)
         self.device = next(model.parameters()).device
-        self.checked = False
+        self.checked = not rollback
         self.forwards = 0
         self.seconds = 0.0
 
@@ -266,7 +269,7 @@ def autoregressive_generate(
     as ``speculative_generate``. ``stats.steps`` counts token-emitting forwards (the prefill emits the first)."""
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
-    run = _Runner(model)
+    run = _Runner(model, rollback=False)
     out: list[int] = []
     wall0 = time.perf_counter()
     feed = prompt
@@ -298,4 +301,3 @@ def first_divergence(
     ids = torch.cat([input_ids[0], torch.tensor(reference[:pos], dtype=torch.long)]).view(1, -1)
     top2 = model(input_ids=ids.to(next(model.parameters()).device)).logits[0, -1].float().topk(2).values
     return pos, float(top2[0] - top2[1])
-

@@ -96,8 +96,9 @@ def best_gamma(alpha: float, c: float, max_gamma: int = 8) -> tuple[int, float]:
     """
     if max_gamma < 1:
         raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
-    best = max(((g, mbsu(ideal_block_efficiency(alpha, g), g, c)) for g in range(1, max_gamma + 1)),
-               key=lambda gs: gs[1])
+    best = max(
+        ((g, mbsu(ideal_block_efficiency(alpha, g), g, c)) for g in range(1, max_gamma + 1)), key=lambda gs: gs[1]
+    )
     return best if best[1] > 1.0 else (0, 1.0)
 
 
@@ -116,7 +117,7 @@ def measure_step_latency(
         raise ValueError(f"n_tokens and repeats must be >= 1, got {n_tokens}, {repeats}")
     from fastdraft_ray.specdec.decode import _Runner  # decode imports this module
 
-    run = _Runner(model)
+    run = _Runner(model)  # crops after every timed forward
     run(input_ids[0])
     step = input_ids[0, -1:].repeat(n_tokens)
     times = []

@@ -14,6 +14,15 @@ from fastdraft_ray.specdec.decode import DecodeStats
 from tests.conftest import tiny_config
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread (multi-threaded tiny ops spin-wait on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_acceptance_rate_and_edges():
     assert S.acceptance_rate(3, 12) == 0.25
     assert S.acceptance_rate(0, 0) == 0.0  # nothing proposed
@@ -78,7 +87,8 @@ def test_cost_ratio_from_params():
     small = AutoModelForCausalLM.from_config(tiny_config("llama"))
     assert S.cost_ratio_from_params(small, big) == pytest.approx(param_bytes(small) / param_bytes(big))
     assert 0 < S.cost_ratio_from_params(small, big) < 1
-    assert S.cost_ratio_from_params(small.to(torch.bfloat16), small.float()) == pytest.approx(0.5)  # bytes, not counts
+    half = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16)
+    assert S.cost_ratio_from_params(half, small) == pytest.approx(0.5)  # bytes, not parameter counts
 
 
 def test_measure_step_latency_is_positive_and_grows_with_tokens():
@@ -93,10 +103,28 @@ def test_measure_step_latency_is_positive_and_grows_with_tokens():
 
 
 def test_decode_stats_properties_and_merge():
-    a = DecodeStats(proposed=6, accepted=3, steps=2, target_forwards=3, draft_forwards=7, new_tokens=5,
-                    draft_time_s=0.1, target_time_s=0.4, wall_time_s=0.6, accepted_per_step=[1, 2])
-    b = DecodeStats(proposed=3, accepted=3, steps=1, target_forwards=2, draft_forwards=4, new_tokens=4,
-                    wall_time_s=0.3, accepted_per_step=[3])
+    a = DecodeStats(
+        proposed=6,
+        accepted=3,
+        steps=2,
+        target_forwards=3,
+        draft_forwards=7,
+        new_tokens=5,
+        draft_time_s=0.1,
+        target_time_s=0.4,
+        wall_time_s=0.6,
+        accepted_per_step=[1, 2],
+    )
+    b = DecodeStats(
+        proposed=3,
+        accepted=3,
+        steps=1,
+        target_forwards=2,
+        draft_forwards=4,
+        new_tokens=4,
+        wall_time_s=0.3,
+        accepted_per_step=[3],
+    )
     assert a.acceptance_rate == 0.5 and a.block_efficiency == 2.5
     m = a.merge(b)
     assert (m.proposed, m.accepted, m.steps, m.new_tokens) == (9, 6, 3, 9)
