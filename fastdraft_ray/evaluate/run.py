@@ -109,6 +109,7 @@ class Evaluator:
         )
         self.drafts = {name: load_draft(path).to(self.device) for name, path in drafts.items()}
         self.s = settings
+        self._latencies: dict | None = None
         gen_eos = getattr(self.target.generation_config, "eos_token_id", None)
         self.eos = (
             (gen_eos if gen_eos is not None else self.tokenizer.eos_token_id) if settings["stop_at_eos"] else None
@@ -133,50 +134,58 @@ class Evaluator:
         return out
 
     def run(self, prompts: list[EvalPrompt]) -> tuple[list[dict], dict]:
-        """Records for every (prompt, mode, draft), and the latencies measured on this worker."""
+        """Records for every (prompt, mode, draft), and the latencies measured on this worker (once, on the
+        first prompt it sees)."""
         if not prompts:
-            return [], {}
-        lat = self.latencies(prompts[0])
+            return [], self._latencies or {}
+        if self._latencies is None:
+            self._latencies = self.latencies(prompts[0])
+        return [r for prompt in prompts for r in self._records(prompt)], self._latencies
+
+    def measured_latencies(self) -> dict:
+        """What ``run`` measured on this worker ({} before any prompt)."""
+        return self._latencies or {}
+
+    def _records(self, prompt: EvalPrompt) -> list[dict]:
         records = []
-        for prompt in prompts:
-            ids = self._ids(prompt)
-            for mode in self.s["modes"]:
-                kw = {
-                    "max_new_tokens": self.s["max_new_tokens"],
-                    "eos_token_id": self.eos,
-                    "temperature": self.s["temperature"] if mode == "sampling" else 0.0,
-                    "top_p": self.s["top_p"],
-                }
-                seed = _prompt_seed(self.s["seed"], prompt.id)
-                base = autoregressive_generate(self.target, ids, generator=self._gen(seed), **kw)
-                for name, draft in self.drafts.items():
-                    spec = speculative_generate(
-                        self.target, draft, ids, gamma=self.s["gamma"], generator=self._gen(seed), **kw
-                    )
-                    st = spec.stats
-                    records.append(
-                        {
-                            "task": prompt.task,
-                            "prompt_id": prompt.id,
-                            "prompt_tokens": len(prompt.input_ids),
-                            "draft": name,
-                            "mode": mode,
-                            "proposed": st.proposed,
-                            "accepted": st.accepted,
-                            "steps": st.steps,
-                            "new_tokens": st.new_tokens,
-                            "wall_time_s": st.wall_time_s,
-                            "draft_time_s": st.draft_time_s,
-                            "target_time_s": st.target_time_s,
-                            "draft_forwards": st.draft_forwards,
-                            "target_forwards": st.target_forwards,
-                            "base_new_tokens": base.stats.new_tokens,
-                            "base_wall_time_s": base.stats.wall_time_s,
-                            "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
-                            "tokens": spec.tokens,
-                        }
-                    )
-        return records, lat
+        ids = self._ids(prompt)
+        for mode in self.s["modes"]:
+            kw = {
+                "max_new_tokens": self.s["max_new_tokens"],
+                "eos_token_id": self.eos,
+                "temperature": self.s["temperature"] if mode == "sampling" else 0.0,
+                "top_p": self.s["top_p"],
+            }
+            seed = _prompt_seed(self.s["seed"], prompt.id)
+            base = autoregressive_generate(self.target, ids, generator=self._gen(seed), **kw)
+            for name, draft in self.drafts.items():
+                spec = speculative_generate(
+                    self.target, draft, ids, gamma=self.s["gamma"], generator=self._gen(seed), **kw
+                )
+                st = spec.stats
+                records.append(
+                    {
+                        "task": prompt.task,
+                        "prompt_id": prompt.id,
+                        "prompt_tokens": len(prompt.input_ids),
+                        "draft": name,
+                        "mode": mode,
+                        "proposed": st.proposed,
+                        "accepted": st.accepted,
+                        "steps": st.steps,
+                        "new_tokens": st.new_tokens,
+                        "wall_time_s": st.wall_time_s,
+                        "draft_time_s": st.draft_time_s,
+                        "target_time_s": st.target_time_s,
+                        "draft_forwards": st.draft_forwards,
+                        "target_forwards": st.target_forwards,
+                        "base_new_tokens": base.stats.new_tokens,
+                        "base_wall_time_s": base.stats.wall_time_s,
+                        "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
+                        "tokens": spec.tokens,
+                    }
+                )
+        return records
 
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -280,28 +289,44 @@ def _threads(cfg: EvaluateConfig) -> int:
 def _run_workers(
     model: ModelConfig, drafts: dict[str, str], settings: dict, prompts: list[EvalPrompt], cfg: EvaluateConfig
 ) -> tuple[list[dict], list[dict]]:
-    """Spread prompts round-robin over ``num_workers`` Ray actors (run here when 1 on CPU)."""
+    """Evaluate prompts one at a time, here (1 worker on CPU) or on ``num_workers`` Ray actors, with a progress
+    bar; records come back in prompt order whatever the worker count."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts), desc="evaluate", unit="prompt")
     if cfg.num_workers == 1 and not cfg.use_gpu:
         previous = torch.get_num_threads()
         try:
-            records, lat = Evaluator(model, drafts, settings, _threads(cfg)).run(prompts)
+            evaluator = Evaluator(model, drafts, settings, _threads(cfg))
+            records = []
+            for prompt in prompts:
+                records += evaluator.run([prompt])[0]
+                bar.update()
         finally:
             torch.set_num_threads(previous)  # this process keeps its own setting afterwards
-        return records, [lat]
+            bar.close()
+        return records, [evaluator.measured_latencies()]
     import ray
+    from ray.util import ActorPool
 
     if not ray.is_initialized():
         raise EvaluationError("evaluate.num_workers > 1 needs Ray: call ray.init() first (jobs/evaluate.py does)")
     threads = _threads(cfg)
     actor_cls = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0)(Evaluator)
-    shards = [prompts[i :: cfg.num_workers] for i in range(cfg.num_workers)]
-    actors = [actor_cls.remote(model, drafts, settings, threads) for shard in shards if shard]
+    actors = [
+        actor_cls.remote(model, drafts, settings, threads) for _ in range(min(cfg.num_workers, len(prompts)))
+    ]
+    records = []
     try:
-        outputs = ray.get([a.run.remote(s) for a, s in zip(actors, [s for s in shards if s], strict=True)])
+        for recs, _ in ActorPool(actors).map(lambda actor, prompt: actor.run.remote([prompt]), prompts):
+            records += recs
+            bar.update()
+        latencies = [lat for lat in ray.get([a.measured_latencies.remote() for a in actors]) if lat]
     finally:
+        bar.close()
         for actor in actors:
             ray.kill(actor)
-    return [r for recs, _ in outputs for r in recs], [lat for _, lat in outputs]
+    return records, latencies
 
 
 def evaluate(
