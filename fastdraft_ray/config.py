@@ -107,20 +107,45 @@ class TrainConfig:
     worker_resources: dict = doc(
         {}, "Extra Ray resources per worker, e.g. {trainer: 1} to pin workers to a node type."
     )
+    kd_loss: str = doc(
+        "ce", "FT loss: ce (sequence-level KD), kl, tvd, ce_kl, ce_tvd (sparse top-k token-level KD)."
+    )
+    kd_alpha: float = doc(0.5, "FT: weight of CE in ce_kl / ce_tvd (alpha*CE + (1-alpha)*KL|TVD).")
+    ft_responses: str = doc(
+        "target", "FT data: target (KD data from jobs/generate.py) or original (the datasets' own responses)."
+    )
 
 
 @dataclass
 class GenerateConfig:
-    """Target-generated distillation data."""
+    """Target-generated distillation data (jobs/generate.py) -> ``<run_dir>/kd``."""
 
-    prompt_sources: dict = doc({"alpaca": "embedded:alpaca"}, "Instruction sources: name -> spec.")
-    num_prompts: int = doc(500, "Prompts to answer.")
+    prompt_sources: dict = doc(
+        {"alpaca": "embedded:alpaca", "sharegpt": "embedded:sharegpt"},
+        "Instruction sources: name -> spec (embedded:alpaca|sharegpt, alpaca:<json file>, hub:<id>, chat specs).",
+    )
+    num_prompts: int = doc(500, "Prompts to answer (from the sources, evaluation-reserved ones excluded).")
     temperatures: list = doc([0.6, 0.8, 1.0, 0.0], "Sampling temperatures; 0.0 means greedy.")
-    magpie_prompts: int = doc(0, "Extra instructions the target writes itself (Magpie).")
+    magpie_prompts: int = doc(0, "Extra instructions the target writes itself (Magpie), answered like the rest.")
+    magpie_temperature: float = doc(1.0, "Temperature at which the target writes Magpie instructions.")
+    magpie_max_tokens: int = doc(96, "Length cap of a Magpie instruction.")
     max_new_tokens: int = doc(256, "Response length cap.")
-    batch_size: int = doc(16, "Prompts per generation batch.")
+    max_prompt_tokens: int = doc(384, "Prompts longer than this (chat template included) are dropped.")
+    min_prompt_chars: int = doc(8, "Instructions shorter than this are dropped.")
+    batch_size: int = doc(16, "Prompts per generation batch (left-padded, one KV-cached generate call).")
+    shard_prompts: int = doc(64, "Prompts per output file: the unit of work and of resume.")
     topk_logprobs: int = doc(0, "Keep the target's top-k log-probs per response token (0 = off).")
-    backend: str = doc("hf", "hf (batched transformers) or vllm.")
+    top_p: float = doc(1.0, "Nucleus threshold when sampling (1.0 = the target's full distribution).")
+    backend: str = doc("hf", "hf (batched transformers, CPU or GPU) or vllm (ray.data.llm; gpu extra + GPUs).")
+    num_actors: int = doc(1, "Generator actors (one target copy each).")
+    cpus_per_actor: int = doc(1, "CPU cores (and torch threads) per generator actor.")
+    use_gpu: bool = doc(False, "One GPU per generator actor.")
+    seed: int = doc(0, "Seed for prompt selection and sampling.")
+    output: str = doc("", "KD data folder; empty = <run_dir>/kd.")
+    onpolicy_fraction: float = doc(
+        0.0, "On-policy share (DistillSpec): prompts answered by the draft and scored by the target."
+    )
+    onpolicy_draft: str = doc("", "Draft that writes the on-policy responses; empty = <run_dir>/cp/export.")
 
 
 @dataclass
@@ -302,12 +327,24 @@ def resolve_recipe(name_or_path: str) -> Path:
     raise ConfigError(f"no recipe {name_or_path!r}: give a YAML path or one of {', '.join(names)}")
 
 
+def _read_recipe(recipe: str, seen: tuple[str, ...] = ()) -> dict:
+    path = resolve_recipe(recipe)
+    if str(path) in seen:
+        raise ConfigError(f"recipe {recipe!r} extends itself: {' -> '.join(seen)}")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of config keys")
+    base = data.pop("extends", None)
+    return _merge(_read_recipe(base, (*seen, str(path))), data) if base else data
+
+
 def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None = None) -> RunConfig:
-    """Load a recipe (shipped name or YAML path), apply ``key.sub=value`` overrides, validate strictly."""
-    data: dict = {}
-    if recipe:
-        with open(resolve_recipe(recipe)) as fh:
-            data = yaml.safe_load(fh) or {}
+    """Load a recipe (shipped name or YAML path), apply ``key.sub=value`` overrides, validate strictly.
+
+    A recipe may start with ``extends: <recipe>`` to change only some keys of another one.
+    """
+    data = _read_recipe(recipe) if recipe else {}
     data = _merge(data, parse_overrides(overrides or []))
     return _validate_stages(_build(RunConfig, data))
 

@@ -10,15 +10,7 @@ import time
 from pathlib import Path
 
 from fastdraft_ray.cli import parse_job_args, setup_logging
-from fastdraft_ray.models.draft import (
-    build_draft,
-    check_compatible,
-    count_params,
-    derive_draft_config,
-    draft_for_budget,
-    param_bytes,
-    save_draft,
-)
+from fastdraft_ray.models.draft import check_compatible, count_params, new_draft, param_bytes, save_draft
 from fastdraft_ray.models.target import load_target
 
 log = logging.getLogger("derive_draft")
@@ -30,8 +22,7 @@ def main() -> None:
     start = time.perf_counter()
     target, tokenizer = load_target(cfg.model.target, dtype=cfg.model.dtype)
     log.info("target %s ready in %.1f s", cfg.model.target, time.perf_counter() - start)
-    shape = draft_for_budget(target.config, cfg.draft.params_budget) if cfg.draft.params_budget else cfg.draft
-    draft = build_draft(derive_draft_config(target.config, shape), seed=cfg.train.seed)
+    draft = new_draft(target.config, cfg.draft, seed=cfg.train.seed)
     check_compatible(target, draft, tokenizer, tokenizer)
     out = save_draft(draft, tokenizer, Path(cfg.run_dir) / "draft_init")
 

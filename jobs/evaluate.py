@@ -20,7 +20,7 @@ from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging  # noqa: E
 from fastdraft_ray.config import to_dict  # noqa: E402
 from fastdraft_ray.evaluate.report import summary, write_report  # noqa: E402
 from fastdraft_ray.evaluate.run import evaluate  # noqa: E402
-from fastdraft_ray.models.draft import build_draft, derive_draft_config, draft_for_budget, save_draft  # noqa: E402
+from fastdraft_ray.models.draft import new_draft, save_draft  # noqa: E402
 from fastdraft_ray.models.target import load_target_config, load_tokenizer  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -29,8 +29,7 @@ log = logging.getLogger("evaluate")
 def random_draft(cfg) -> str:
     """Derive a random draft of shape ``cfg.draft`` from the target and save it; return its folder."""
     target_cfg = load_target_config(cfg.model.target, cfg.model.trust_remote_code)
-    shape = draft_for_budget(target_cfg, cfg.draft.params_budget) if cfg.draft.params_budget else cfg.draft
-    draft = build_draft(derive_draft_config(target_cfg, shape), seed=cfg.train.seed)
+    draft = new_draft(target_cfg, cfg.draft, seed=cfg.train.seed)
     root = Path(tempfile.mkdtemp()) if "://" in cfg.run_dir else Path(cfg.run_dir) / "eval"
     return str(
         save_draft(draft, load_tokenizer(cfg.model.target, cfg.model.trust_remote_code), root / "random_draft")

@@ -19,6 +19,7 @@ from pathlib import Path
 from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
 from fastdraft_ray.data.prepare import default_output
+from fastdraft_ray.train.curves import plot_loss_curves
 from fastdraft_ray.train.run import completed_record, stage_dir, train_stage
 
 log = logging.getLogger("pretrain")
@@ -62,6 +63,8 @@ def main() -> None:
         f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
     )
     print(f"draft exported to {record['outputs']['export']}")
+    if "://" not in cfg.run_dir:  # a picture of the run so far: train/val loss of every finished stage
+        print(f"loss curve: {plot_loss_curves(cfg.run_dir, Path(cfg.run_dir) / 'loss_curve.png')}")
 
 
 if __name__ == "__main__":

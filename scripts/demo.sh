@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default (real target, real data, CPU):
-# creates .venv, starts a local Ray head with token authentication unless one is running, submits the job
-# with `ray job submit`, follows its logs. Extra arguments are config overrides (key.sub=value).
+# creates .venv, starts a local Ray head with token authentication unless one is running, then submits each
+# stage with `ray job submit` and follows its logs: derive the draft, prepare PT and CP shards, PT, CP, evaluate.
+# FASTDRAFT_RECIPE=cpu_quick gives a ~10-minute first look. Extra arguments are config overrides (key.sub=value).
+# Every stage skips work already done (DONE.json / finished shards), so a re-run resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -19,22 +21,37 @@ if ! dashboard_up; then
     gcs_port=$(free_port)  # another Ray instance on this machine holds the default port
   fi
   # The agent's default port 52365 may be taken by another Ray instance; a taken port disables job submission.
-  ray start --head --port="$gcs_port" --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --dashboard-host=127.0.0.1 \
+  # One logical CPU more than the cores: Ray Data reads shards beside the training workers.
+  ray start --head --port="$gcs_port" --num-cpus="${RAY_NUM_CPUS:-$(( $(nproc) + 1 ))}" --dashboard-host=127.0.0.1 \
     --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats
 fi
 STORAGE=${FASTDRAFT_STORAGE:-$(pwd)/runs}
 RECIPE=${FASTDRAFT_RECIPE:-cpu_default}
-ENTRY=${FASTDRAFT_JOB:-jobs/derive_draft.py}
-# A fresh head needs a few seconds before its job agent accepts submissions: retry only that error.
-for attempt in $(seq 1 30); do
-  if out=$(ray job submit --address "$DASHBOARD" --working-dir . --no-wait -- \
-      python "$ENTRY" --config "$RECIPE" storage="$STORAGE" "$@" 2>&1); then break; fi
-  if ! grep -q "No available agent" <<<"$out" || [ "$attempt" = 30 ]; then echo "$out" >&2; exit 1; fi
-  sleep 2
-done
-job_id=$(grep -o "raysubmit_[A-Za-z0-9]*" <<<"$out" | head -1)
-echo "submitted $job_id ($ENTRY) — dashboard: $DASHBOARD"
-ray job logs --address "$DASHBOARD" --follow "$job_id"
-status=$(ray job status --address "$DASHBOARD" "$job_id" 2>&1)
-if ! grep -qi "succeeded" <<<"$status"; then echo "$status" >&2; echo "job $job_id did not succeed" >&2; exit 1; fi
-echo "run directory: $STORAGE/$RECIPE"
+RUN_DIR=$STORAGE/$(python -c 'import sys; from fastdraft_ray.config import load_config
+print(load_config(sys.argv[1]).run_name)' "$RECIPE")
+
+submit() {  # submit one job and follow it; fail the script if the job fails
+  local out job_id status
+  # A fresh head needs a few seconds before its job agent accepts submissions: retry only that error.
+  for attempt in $(seq 1 30); do
+    if out=$(ray job submit --address "$DASHBOARD" --working-dir . --no-wait -- \
+        python "$@" --config "$RECIPE" storage="$STORAGE" "${OVERRIDES[@]}" 2>&1); then break; fi
+    if ! grep -q "No available agent" <<<"$out" || [ "$attempt" = 30 ]; then echo "$out" >&2; exit 1; fi
+    sleep 2
+  done
+  job_id=$(grep -o "raysubmit_[A-Za-z0-9]*" <<<"$out" | head -1)
+  echo "=== $* — $job_id (dashboard: $DASHBOARD)"
+  ray job logs --address "$DASHBOARD" --follow "$job_id"
+  status=$(ray job status --address "$DASHBOARD" "$job_id" 2>&1)
+  if ! grep -qi "succeeded" <<<"$status"; then echo "$status" >&2; echo "job $job_id ($*) failed" >&2; exit 1; fi
+}
+
+OVERRIDES=("$@")
+submit jobs/derive_draft.py
+submit jobs/prepare_data.py --stage pt
+submit jobs/prepare_data.py --stage cp
+submit jobs/pretrain.py --stage pt
+submit jobs/pretrain.py --stage cp
+OVERRIDES+=("evaluate.drafts=[$RUN_DIR/pt/export,$RUN_DIR/cp/export]")
+submit jobs/evaluate.py
+echo "run directory: $RUN_DIR — report: $RUN_DIR/eval/results.md"

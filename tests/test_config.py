@@ -90,3 +90,17 @@ def test_round_trip_through_dict_and_describe_documents_every_key():
 
 def test_parse_overrides_builds_a_tree():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_recipes_can_extend_another_and_cycles_are_refused(tmp_path):
+    quick = load_config("cpu_quick")
+    assert quick.run_name == "cpu_quick" and quick.model.target == load_config("cpu_default").model.target
+    assert stage_config(quick, "cp").data.weights == {"code": 2, "text": 1}  # inherited stage keys survive
+    assert (
+        stage_config(quick, "pt").train.token_budget
+        < stage_config(load_config("cpu_default"), "pt").train.token_budget
+    )
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(loop))

@@ -89,6 +89,11 @@ class EvalResults:
         """JSON-friendly form (``results.json``)."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResults:
+        """Read back ``results.json`` (e.g. to re-render a report)."""
+        return cls(**{**data, "drafts": [DraftInfo(**d) for d in data["drafts"]]})
+
 
 # ---------------------------------------------------------------------------------------------------- worker
 
@@ -257,10 +262,17 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) ->
 # ---------------------------------------------------------------------------------------------------- driver
 
 
+GENERIC_FOLDERS = {"export", "model", "hf", "draft", "final"}
+
+
 def _draft_names(paths: list[str]) -> dict[str, str]:
+    """Short display names: the folder name, or its stage folder for ``<run>/<stage>/export``-style paths."""
     names: dict[str, str] = {}
     for path in paths:
-        base = Path(path).name or str(path)
+        parts = Path(path).parts
+        base = (
+            (parts[-2] if len(parts) > 1 and parts[-1] in GENERIC_FOLDERS else parts[-1]) if parts else str(path)
+        )
         name = base if base not in names else f"{base}#{len(names)}"
         names[name] = str(path)
     return names

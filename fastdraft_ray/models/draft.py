@@ -138,6 +138,15 @@ def build_draft(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+def new_draft(target: PretrainedConfig, shape: DraftConfig, seed: int = 0) -> PreTrainedModel:
+    """A random draft for ``target``: ``shape``'s widths, or widths picked for ``shape.params_budget`` when set."""
+    if shape.params_budget:
+        shape = draft_for_budget(
+            target, shape.params_budget, layers=shape.num_layers if shape.num_layers else None
+        )
+    return build_draft(derive_draft_config(target, shape), seed=seed)
+
+
 @dataclass(frozen=True)
 class ParamCount:
     """Parameters of a model: embedding = input embedding (+ LM head when untied)."""

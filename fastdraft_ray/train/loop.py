@@ -7,6 +7,8 @@ validation, TensorBoard, checkpoints with the data position, resume, and the fin
   stage_dir      ``<run_dir>/<stage>``: TensorBoard in ``tb/``, the export in ``export/`` (shared storage)
   seq_len, rows_per_epoch, data_start_row   data geometry (see ``position.py``)
   has_val        whether a "val" dataset was passed (validation loss every ``eval_every`` steps)
+  kd_layout      optional (FT): the shards hold fixed-width distillation rows (``kd_rows.RowLayout``); the loss
+                 is then ``train.kd_loss`` on response positions instead of next-token loss on packed rows
   trace_dir      optional: every rank appends one JSON line per optimizer step (rows trained, loss) -- an audit
                  log used by the fault-tolerance test
   fail_at        optional test hook ``{"rank", "step", "marker", "delay_s"}``: that rank's process dies
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fastdraft_ray.config import TrainConfig, config_from_dict
-from fastdraft_ray.train.losses import lm_loss
+from fastdraft_ray.train.losses import make_loss_fn
 from fastdraft_ray.train.position import DataPosition, Geometry, row_id
 
 log = logging.getLogger(__name__)
@@ -85,15 +87,15 @@ def _val_rows(geo: Geometry, n_rows: int, has_val: bool) -> np.ndarray | None:
 
 
 @torch.no_grad()
-def _validate(engine, rows: np.ndarray | None, geo: Geometry, rank: int) -> float | None:
-    """Mean next-token loss on the validation rows; every rank scores its slice of each micro-batch."""
+def _validate(engine, rows: np.ndarray | None, geo: Geometry, rank: int, loss_fn) -> float | None:
+    """Mean loss on the validation rows; every rank scores its slice of each micro-batch."""
     if rows is None:
         return None
     engine.eval()
     total = 0.0
     for start in range(0, len(rows), geo.rows_per_micro_step):
         mine = rows[start : start + geo.rows_per_micro_step][geo.worker_slice(rank)]
-        total += lm_loss(engine, torch.from_numpy(mine).to(engine.device)).item()
+        total += loss_fn(engine, torch.from_numpy(mine).to(engine.device)).item()
     engine.train()
     return _mean_across([total / (len(rows) // geo.rows_per_micro_step)], engine.device)[0]
 
@@ -183,6 +185,7 @@ def train_fn_per_worker(config: dict) -> None:
     geo = Geometry(world, train.micro_batch_size, train.grad_accum_steps, int(config["seq_len"]))
     total_steps = geo.total_steps(train.token_budget)
     torch.manual_seed(train.seed)
+    loss_fn = make_loss_fn(config.get("kd_layout"), train.kd_loss, train.kd_alpha)
 
     model = load_draft(config["init_dir"]).train()
     model.config.use_cache = False
@@ -226,7 +229,7 @@ def train_fn_per_worker(config: dict) -> None:
                 rows = next(batches)[geo.worker_slice(rank)]
             except StopIteration as exc:
                 raise RuntimeError(f"training data ran out at step {step + 1} of {total_steps}") from exc
-            loss = lm_loss(engine, torch.from_numpy(rows).to(engine.device))
+            loss = loss_fn(engine, torch.from_numpy(rows).to(engine.device))
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -261,7 +264,7 @@ def train_fn_per_worker(config: dict) -> None:
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, total_steps, mean_loss, lr, tokens_per_s)
             window_time, window_steps = 0.0, 0
         if step % train.eval_every == 0 or step == total_steps:
-            val_loss = _validate(engine, val_rows, geo, rank)
+            val_loss = _validate(engine, val_rows, geo, rank, loss_fn)
             if writer is not None and val_loss is not None:
                 writer.add_scalar("val/loss", val_loss, step)
         metrics = {

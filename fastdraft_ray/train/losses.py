@@ -1,4 +1,4 @@
-"""Training losses. Pre-training and continued pre-training use next-token cross-entropy on packed rows."""
+"""Training losses: next-token cross-entropy on packed rows (PT, CP) and the distillation losses of FT."""
 
 from __future__ import annotations
 
@@ -23,3 +23,120 @@ def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """Next-token loss of a causal LM (or a DeepSpeed engine wrapping one) on packed rows."""
     inputs, targets = split_row_batch(rows)
     return next_token_loss(model(input_ids=inputs).logits, targets)
+
+
+# ------------------------------------------------------------------------------------ distillation (FT stage)
+#
+# Sparse top-k targets are RENORMALISED over the target's top-k ids: p_K = softmax(topk_logprobs) (the mass the
+# target put outside its top-k is dropped, not kept as a remainder bucket). The draft's q is its full softmax,
+# not renormalised, so
+#   KL(p_K || q)  = sum_{i in K} p_i (log p_i - log q_i)               (>= 0; 0 iff q = p_K)
+#   TVD(p_K, q)   = 1/2 (sum_{i in K} |p_i - q_i| + (1 - sum_{i in K} q_i))   (draft mass outside K counts fully)
+# both exact against the sparse target, and equal to the dense losses when k = vocab. Forward KL (target ->
+# draft), as in sequence-level KD; the target side is always detached: gradients flow only into the draft.
+
+KD_LOSSES = ("ce", "kl", "tvd", "ce_kl", "ce_tvd")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over positions where ``mask`` is 1 (0 when the mask is empty)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def sparse_kd_terms(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position ``(KL, TVD)`` ``[B, T]`` of the draft's ``logits [B, T, V]`` against renormalised top-k
+    targets ``topk_ids``/``topk_logprobs [B, T, k]`` (see the block comment above)."""
+    logq = F.log_softmax(logits.float(), dim=-1)
+    logq_k = logq.gather(-1, topk_ids.long())
+    logp = F.log_softmax(topk_logprobs.detach().float(), dim=-1)
+    p = logp.exp()
+    kl = (p * (logp - logq_k)).sum(-1)
+    q_k = logq_k.exp()
+    tvd = 0.5 * ((p - q_k).abs().sum(-1) + (1.0 - q_k.sum(-1)).clamp_min(0.0))
+    return kl, tvd
+
+
+def dense_kd_terms(logits: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position ``(KL(p || q), TVD(p, q))`` against the full target distribution (reference for tests)."""
+    logq = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(target_logits.detach().float(), dim=-1)
+    p = logp.exp()
+    return (p * (logp - logq)).sum(-1), 0.5 * (p - logq.exp()).abs().sum(-1)
+
+
+def kd_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "ce",
+    *,
+    alpha: float = 0.5,
+    hard: torch.Tensor | None = None,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Distillation loss over response positions (``mask [B, T]``; prompt and padding are 0).
+
+    ``kind``: ``ce`` (cross-entropy on the target-written tokens: sequence-level KD), ``kl``, ``tvd`` (sparse
+    top-k token-level KD), ``ce_kl`` / ``ce_tvd`` (``alpha * CE + (1 - alpha) * KL|TVD``; alpha = 0.5 is the
+    issue's half-and-half). ``hard [B]`` = 1 for rows whose tokens CE may learn (0 for on-policy rows).
+    """
+    if kind not in KD_LOSSES:
+        raise ValueError(f"train.kd_loss must be one of {', '.join(KD_LOSSES)}, got {kind!r}")
+    mask = mask.float()
+    hard_mask = mask if hard is None else mask * hard.float()[:, None]
+    terms = {}
+    if kind in ("ce", "ce_kl", "ce_tvd"):
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(), reduction="none"
+        ).view_as(mask)
+        terms["ce"] = masked_mean(ce, hard_mask)
+    if kind != "ce":
+        if topk_ids is None or topk_logprobs is None:
+            raise ValueError(f"train.kd_loss={kind} needs top-k targets: generate with generate.topk_logprobs > 0")
+        kl, tvd = sparse_kd_terms(logits, topk_ids, topk_logprobs)
+        terms["soft"] = masked_mean(kl if kind.endswith("kl") else tvd, mask)
+    if kind == "ce":
+        return terms["ce"]
+    if kind in ("kl", "tvd"):
+        return terms["soft"]
+    return alpha * terms["ce"] + (1.0 - alpha) * terms["soft"]
+
+
+def ft_loss(model: torch.nn.Module, rows: torch.Tensor, layout, kind: str, alpha: float = 0.5) -> torch.Tensor:
+    """The FT loss of a causal LM (or DeepSpeed engine) on fixed-width FT rows (:mod:`~.kd_rows`)."""
+    parts = layout.decode(rows)
+    ids = parts["ids"]
+    logits = model(input_ids=ids[:, :-1]).logits
+    return kd_loss(
+        logits,
+        ids[:, 1:],
+        parts["mask"],
+        kind,
+        alpha=alpha,
+        hard=parts["hard"],
+        topk_ids=parts.get("topk_ids"),
+        topk_logprobs=parts.get("topk_logprobs"),
+    )
+
+
+def make_loss_fn(kd_layout: dict | None, kind: str = "ce", alpha: float = 0.5):
+    """``loss(model, rows)`` for a stage: next-token LM loss on packed rows (PT, CP) or the FT loss when the
+    shards carry a ``kd_layout``."""
+    if kd_layout is None:
+        return lm_loss
+    from fastdraft_ray.train.kd_rows import RowLayout
+
+    layout = RowLayout.from_dict(kd_layout)
+    if kind not in KD_LOSSES:
+        raise ValueError(f"train.kd_loss must be one of {', '.join(KD_LOSSES)}, got {kind!r}")
+    if kind != "ce" and layout.topk == 0:
+        raise ValueError(f"train.kd_loss={kind} needs top-k targets: generate with generate.topk_logprobs > 0")
+
+    def loss(model, rows):
+        return ft_loss(model, rows, layout, kind, alpha)
+
+    return loss

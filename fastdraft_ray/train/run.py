@@ -15,13 +15,13 @@ Storage must be visible to every node (local disk on one machine, NFS on several
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
 
+from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import RunConfig, to_dict
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
@@ -48,26 +48,10 @@ def completed_record(cfg: RunConfig) -> dict | None:
     return record
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file (input fingerprints in DONE.json)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def prepare_init(cfg: RunConfig, out: Path, init_from: str | None) -> Path:
     """Write the stage's starting draft to ``out``: a copy of ``init_from`` or a fresh draft derived from the
     target (``cfg.draft`` shape, ``cfg.train.seed``), with the target's tokenizer. Idempotent."""
-    from fastdraft_ray.models.draft import (
-        build_draft,
-        check_compatible,
-        derive_draft_config,
-        draft_for_budget,
-        load_draft,
-        save_draft,
-    )
+    from fastdraft_ray.models.draft import check_compatible, load_draft, new_draft, save_draft
     from fastdraft_ray.models.target import load_target_config, load_tokenizer
 
     if (out / "config.json").exists():
@@ -77,8 +61,7 @@ def prepare_init(cfg: RunConfig, out: Path, init_from: str | None) -> Path:
     if init_from:
         draft = load_draft(init_from)
     else:
-        shape = draft_for_budget(target_config, cfg.draft.params_budget) if cfg.draft.params_budget else cfg.draft
-        draft = build_draft(derive_draft_config(target_config, shape), seed=cfg.train.seed)
+        draft = new_draft(target_config, cfg.draft, seed=cfg.train.seed)
     check_compatible(target_config, draft)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -206,6 +189,7 @@ def train_stage(
         "rows_per_epoch": rows_per_epoch,
         "data_start_row": start_row,
         "has_val": "val" in datasets,
+        "kd_layout": manifest.get("kd_layout"),  # FT rows (train/kd_rows.py); None for packed text
         **(extra_loop_config or {}),
     }
     resources = {"CPU": tc.cpus_per_worker, **tc.worker_resources}  # Ray adds GPU: 1 when use_gpu
@@ -236,10 +220,10 @@ def train_stage(
         "geometry": {**geo.to_dict(), "total_steps": total_steps, "tokens": total_steps * geo.tokens_per_step},
         "inputs": {
             "data_dir": str(Path(data_dir).resolve()),
-            "manifest_sha256": file_digest(Path(data_dir) / "manifest.json"),
+            "manifest_sha256": sha256_file(Path(data_dir) / "manifest.json"),
             "tokenizer_hash": tokenizer_hash,
             "init_from": init_from,
-            "init_sha256": file_digest(init_dir / "model.safetensors"),
+            "init_sha256": sha256_file(init_dir / "model.safetensors"),
         },
         "outputs": {"export": str(export), "checkpoint": result.checkpoint.path if result.checkpoint else None},
     }

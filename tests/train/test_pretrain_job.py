@@ -31,7 +31,7 @@ def _job(*args: str) -> subprocess.CompletedProcess:
 def test_pt_then_cp_job(tmp_path, tiny_target, tiny_data):
     from transformers import AutoModelForCausalLM
 
-    from fastdraft_ray.train.run import file_digest
+    from fastdraft_ray.assets import sha256_file
 
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(
@@ -68,7 +68,7 @@ def test_pt_then_cp_job(tmp_path, tiny_target, tiny_data):
     assert cp_done["inputs"]["init_from"] == str(runs / "pt" / "export")
     pt_done = json.loads((runs / "pt" / "DONE.json").read_text())
     # CP started from exactly the PT export, and keeps (or improves) its validation loss
-    assert cp_done["inputs"]["init_sha256"] == file_digest(runs / "pt" / "export" / "model.safetensors")
+    assert cp_done["inputs"]["init_sha256"] == sha256_file(runs / "pt" / "export" / "model.safetensors")
     assert cp_done["metrics"]["val/loss"] < pt_done["metrics"]["val/loss"] + 0.1
     AutoModelForCausalLM.from_pretrained(runs / "cp" / "export")
     again = _job("--config", str(recipe), "--stage", "cp", "--data", str(tiny_data))
