@@ -262,7 +262,7 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) ->
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-GENERIC_FOLDERS = {"export", "model", "hf", "draft", "final"}
+GENERIC_FOLDERS = {"export", "model", "hf", "final"}  # folder names that say nothing: show the parent
 
 
 def _draft_names(paths: list[str]) -> dict[str, str]:
