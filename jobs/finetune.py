@@ -13,18 +13,17 @@ resumes from the last checkpoint; a finished stage (DONE.json with the same conf
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging
+from fastdraft_ray.cli import parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
 from fastdraft_ray.data.prepare import default_output
 from fastdraft_ray.distill.ftdata import build_ft_rows
 from fastdraft_ray.distill.generate import output_dir
 from fastdraft_ray.models.target import load_tokenizer
-from fastdraft_ray.train.run import completed_record, stage_dir, train_stage
+from fastdraft_ray.train.run import completed_record, run_stage_job, stage_dir
 
 
 def _arguments(parser) -> None:
@@ -71,15 +70,7 @@ def main() -> None:
         seed=cfg.data.seed,
     )
     print(f"FT rows: {manifest['rows']} ({cfg.train.ft_responses} responses, top-k {topk}) in {data_dir}")
-    local = not os.environ.get("RAY_ADDRESS")
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker
-    init_ray(**({"num_cpus": max(os.cpu_count() or 1, need) + 1} if local else {}))
-    record = train_stage(cfg, data_dir, init_from=init_from)
-    metrics = record["metrics"]
-    print(
-        f"stage ft: {record['wall_time_s']:.0f} s; train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
-    )
-    print(f"draft exported to {record['outputs']['export']}")
+    run_stage_job(cfg, data_dir, init_from)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
-from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging
+from fastdraft_ray.cli import parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
 from fastdraft_ray.data.prepare import default_output
-from fastdraft_ray.train.curves import plot_loss_curves
-from fastdraft_ray.train.run import completed_record, stage_dir, train_stage
+from fastdraft_ray.train.run import completed_record, run_stage_job, stage_dir
 
 log = logging.getLogger("pretrain")
 
@@ -52,19 +50,7 @@ def main() -> None:
             f"stage {args.stage} already done: {stage_dir(cfg)}/DONE.json; metrics {json.dumps(done['metrics'])}"
         )
         return
-    local = not os.environ.get("RAY_ADDRESS")
-    # Locally, count one logical CPU more than the cores so Ray Data can read shards beside the workers.
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker
-    init_ray(**({"num_cpus": max(os.cpu_count() or 1, need) + 1} if local else {}))
-    record = train_stage(cfg, data_dir, init_from=init_from)
-    metrics = record["metrics"]
-    print(
-        f"stage {args.stage}: {record['geometry']['tokens']:,} tokens in {record['wall_time_s']:.0f} s; "
-        f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
-    )
-    print(f"draft exported to {record['outputs']['export']}")
-    if "://" not in cfg.run_dir:  # a picture of the run so far: train/val loss of every finished stage
-        print(f"loss curve: {plot_loss_curves(cfg.run_dir, Path(cfg.run_dir) / 'loss_curve.png')}")
+    run_stage_job(cfg, data_dir, init_from)
 
 
 if __name__ == "__main__":

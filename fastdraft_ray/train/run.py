@@ -136,6 +136,29 @@ def _check_cpus(tc) -> None:
         )
 
 
+def run_stage_job(cfg: RunConfig, data_dir: str, init_from: str | None) -> dict:
+    """What a stage job does once its inputs are known: start Ray (locally with one logical CPU more than the
+    cores, so Ray Data can read shards beside the workers), train, and print a short summary."""
+    import os
+
+    from fastdraft_ray.cli import init_ray
+
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker
+    init_ray(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(os.cpu_count() or 1, need) + 1}))
+    record = train_stage(cfg, data_dir, init_from=init_from)
+    metrics = record["metrics"]
+    print(
+        f"stage {cfg.train.stage}: {record['geometry']['tokens']:,} tokens in {record['wall_time_s']:.0f} s; "
+        f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
+    )
+    print(f"draft exported to {record['outputs']['export']}")
+    if "://" not in cfg.run_dir:  # a picture of the run so far: train/val loss of every finished stage
+        from fastdraft_ray.train.curves import plot_loss_curves
+
+        print(f"loss curve: {plot_loss_curves(cfg.run_dir, Path(cfg.run_dir) / 'loss_curve.png')}")
+    return record
+
+
 def train_stage(
     cfg: RunConfig, data_dir: str, *, init_from: str | None = None, extra_loop_config: dict | None = None
 ) -> dict:

@@ -27,16 +27,6 @@ from tests.conftest import tiny_config
 EXACT_FAMILIES = ["llama", "qwen2", "gpt_neox", "mistral", "phi3", "gemma"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine, multi-threaded tiny ops spin-wait and run
-    ~25x slower (measured: 735 vs 29 ms per generation)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model(config, seed: int):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()

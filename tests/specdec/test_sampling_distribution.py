@@ -27,16 +27,6 @@ PROMPT = torch.tensor([[1, 5, 3, 7]])
 ALPHA = 1e-3  # per-test significance; seeds are fixed, so the outcome is deterministic
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine, multi-threaded tiny ops spin-wait and run
-    ~25x slower (measured: 735 vs 29 ms per generation)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(seed: int):
     cfg = tiny_config(
         "llama",

@@ -14,15 +14,6 @@ from fastdraft_ray.specdec.decode import DecodeStats
 from tests.conftest import tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread (multi-threaded tiny ops spin-wait on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_acceptance_rate_and_edges():
     assert S.acceptance_rate(3, 12) == 0.25
     assert S.acceptance_rate(0, 0) == 0.0  # nothing proposed
