@@ -279,17 +279,22 @@ def _normalise_messages(value, where: str) -> list[dict]:
     return out
 
 
+def _text_key(unit: dict, present: list[str], where: str, missing: str, noun: str) -> str:
+    """The unit's text key (``messages`` or ``field``); a SourceError naming the file and what is there if absent."""
+    key = unit["messages"] or unit["field"]
+    if key not in present:
+        option = "messages" if unit["messages"] else "field"
+        raise SourceError(
+            f"{where}: {missing} {key!r} ({noun}: {', '.join(present) or 'none'}); name the right one with ?{option}=<name>"
+        )
+    return key
+
+
 def _record_doc(record, unit: dict, where: str, doc_id: str, replaced: int = 0) -> Document:
     """A JSON / parquet / hub record -> Document, using the unit's ``field`` / ``messages`` options."""
     if not isinstance(record, dict):
         raise SourceError(f"{where}: expected a JSON object per record, got {type(record).__name__}")
-    key = unit["messages"] or unit["field"]
-    if key not in record:
-        option = "messages" if unit["messages"] else "field"
-        raise SourceError(
-            f"{where}: record has no field {key!r} (fields: {', '.join(map(str, record)) or 'none'}); "
-            f"name the right one with ?{option}=<name>"
-        )
+    key = _text_key(unit, list(map(str, record)), where, "record has no field", "fields")
     if unit["messages"]:
         messages = _normalise_messages(record[key], where)
         return Document("\n\n".join(m["content"] for m in messages), doc_id, messages, replaced)
@@ -347,13 +352,7 @@ def _read_parquet(unit: dict) -> Iterator[Document]:
     with fs.open(local, "rb") as fh:
         pf = pq.ParquetFile(fh)
         names = pf.schema_arrow.names
-        key = unit["messages"] or unit["field"]
-        if key not in names:
-            option = "messages" if unit["messages"] else "field"
-            raise SourceError(
-                f"{unit['path']}: no column {key!r} (columns: {', '.join(names)}); "
-                f"name the right one with ?{option}=<name>"
-            )
+        key = _text_key(unit, names, unit["path"], "no column", "columns")
         cols = [key] + (["doc_id"] if "doc_id" in names else [])
         first, last = unit["row_groups"]
         for rg in range(first, last):
