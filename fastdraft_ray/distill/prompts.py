@@ -9,6 +9,12 @@ Sources (``generate.prompt_sources``: name -> spec):
   Evol-Instruct 70k; ``conversations``/``messages`` turns as in Evol-Instruct V2 and ShareGPT; OIG's
   ``<human>: ... <bot>: ...`` text. E.g. ``hub:tatsu-lab/alpaca``, ``hub:databricks/databricks-dolly-15k``,
   ``hub:laion/OIG``, ``hub:WizardLMTeam/WizardLM_evol_instruct_V2_196k`` (need a hub).
+* ``task:<family>`` -- prompts shaped exactly like an evaluation family's (:mod:`fastdraft_ray.evaluate.tasks`:
+  summarization, story, instruction, code) from the *training* side of the same sources; ``task:code`` prompts
+  are raw completions (HumanEval-style, no chat template), like the evaluation's.
+* ``functions:<spec>`` -- raw-completion code prompts: every documented Python function of the code documents
+  ``<spec>`` reads (e.g. ``functions:embedded:code``, the standard library) as signature + docstring, the shape
+  of a HumanEval prompt; the target writes the body.
 * any other spec :func:`fastdraft_ray.data.sources.iter_documents` reads: chat records (``?messages=``; first
   user turn + first assistant reply) or plain text (the text is the instruction; no reference response).
 
@@ -21,8 +27,10 @@ disjoint whichever way either side hashes.
 
 from __future__ import annotations
 
+import ast
 import json
 import random
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -43,13 +51,15 @@ class PromptError(ValueError):
 
 @dataclass
 class Prompt:
-    """One distillation prompt: ``message`` is the user turn; ``prompt_ids`` is it under the chat template."""
+    """One distillation prompt: ``message`` is the user turn (or, ``chat=False``, the raw text to continue);
+    ``prompt_ids`` is what the target sees."""
 
     id: str
     source: str
     message: str
     reference: str | None = None  # the dataset's own response (baseline FT), if it has one
     prompt_ids: list[int] = field(default_factory=list, repr=False)
+    chat: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class _Raw:
     message: str
     reference: str | None
     hashed: tuple[str, ...]  # every text whose reservation excludes the item
+    chat: bool = True  # False: a raw completion prompt (no chat template)
 
 
 def _first(record: dict, keys: tuple[str, ...]) -> str:
@@ -151,9 +162,61 @@ def _read_documents(spec: str) -> Iterator[_Raw]:
             yield _Raw(doc.doc_id, doc.text.strip(), None, (doc.text,))
 
 
-def read_source(spec: str) -> Iterator[_Raw]:
-    """Raw (id, message, reference) items of one prompt source spec, evaluation items NOT yet removed."""
-    if spec == "embedded:alpaca":
+def _task_items(family: str, tokenizer) -> Iterator[_Raw]:
+    from fastdraft_ray.evaluate import tasks
+
+    if family not in tasks.TASKS:
+        raise PromptError(f"task:{family}: unknown task family; choose from {', '.join(tasks.TASKS)}")
+    for item_id, raw, hashed in tasks.training_items(family):
+        message, chat = tasks.format_message(family, raw, tokenizer)
+        yield _Raw(item_id, message, None, hashed, chat)
+
+
+MAX_FUNCTION_PROMPT_CHARS = 1500
+
+
+def function_prompts(source: str) -> Iterator[tuple[str, str]]:
+    """``(name, signature + docstring)`` of each documented function in Python ``source`` (methods dedented);
+    nothing is executed. Unparseable sources yield nothing."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or not node.body:
+            continue
+        doc = node.body[0]
+        if not (
+            isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+        ):
+            continue
+        if len(node.body) < 2 or len(doc.value.value.strip()) < 20:  # a body to write and a docstring to go by
+            continue
+        start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+        text = textwrap.dedent("\n".join(lines[start : doc.end_lineno])) + "\n"
+        if len(text) <= MAX_FUNCTION_PROMPT_CHARS:
+            yield node.name, text
+
+
+def _function_items(spec: str) -> Iterator[_Raw]:
+    from fastdraft_ray.data.sources import iter_documents
+
+    for doc in iter_documents(spec):
+        if doc.reserved:
+            continue
+        for name, text in function_prompts(doc.text):
+            yield _Raw(f"{doc.doc_id}:{name}", text, None, (doc.text, text), chat=False)
+
+
+def read_source(spec: str, tokenizer=None) -> Iterator[_Raw]:
+    """Raw (id, message, reference) items of one prompt source spec, evaluation items NOT yet removed
+    (``task:`` specs need the ``tokenizer`` to shape summarisation prompts)."""
+    if spec.startswith("task:"):
+        yield from _task_items(spec.split(":", 1)[1], tokenizer)
+    elif spec.startswith("functions:"):
+        yield from _function_items(spec.split(":", 1)[1])
+    elif spec == "embedded:alpaca":
         path = assets.extract_member("llamafactory", ALPACA_DEMO)
         yield from _alpaca_records(json.loads(path.read_text(encoding="utf-8")), "alpaca")
     elif spec.startswith("alpaca:"):
@@ -164,9 +227,10 @@ def read_source(spec: str) -> Iterator[_Raw]:
         yield from _read_documents(spec)
 
 
-def encode_prompt(tokenizer, message: str) -> list[int]:
-    """``message`` as one user turn under the tokenizer's chat template, generation prompt appended."""
-    if not getattr(tokenizer, "chat_template", None):
+def encode_prompt(tokenizer, message: str, chat: bool = True) -> list[int]:
+    """``message`` as one user turn under the tokenizer's chat template, generation prompt appended (``chat=False``
+    or no template: the plain text with the tokenizer's special tokens)."""
+    if not chat or not getattr(tokenizer, "chat_template", None):
         return list(tokenizer(message, add_special_tokens=True)["input_ids"])
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
@@ -197,7 +261,7 @@ def load_prompts(
     pools = []
     for name in sorted(sources):
         scan = max(SCAN_MIN, 4 * n)  # hub-sized sources: draw from the first `scan` records only
-        items = [r for r in islice(read_source(sources[name]), scan) if usable(r, min_chars)]
+        items = [r for r in islice(read_source(sources[name], tokenizer), scan) if usable(r, min_chars)]
         random.Random(f"{seed}/{name}").shuffle(items)
         pools.append((name, items))
     out: list[Prompt] = []
@@ -211,9 +275,9 @@ def load_prompts(
             if key in seen:
                 continue
             seen.add(key)
-            ids = encode_prompt(tokenizer, raw.message)
+            ids = encode_prompt(tokenizer, raw.message, raw.chat)
             if len(ids) <= max_prompt_tokens:
-                out.append(Prompt(f"{name}:{raw.id}", name, raw.message, raw.reference, ids))
+                out.append(Prompt(f"{name}:{raw.id}", name, raw.message, raw.reference, ids, raw.chat))
         if len(out) >= n:
             break
     if len(out) < n:

@@ -98,8 +98,10 @@ class _Item:
     also_reserved: tuple[str, ...] = ()  # other texts the training side might hash for this item (all reserved)
 
 
-def _reserved(*texts: str) -> bool:
-    return all(is_reserved_for_eval(t) for t in texts)
+def _on_side(held_out: bool, *texts: str) -> bool:
+    """Evaluation side: every text reserved. Training side: none reserved (so the two sides never share an item)."""
+    reserved = [is_reserved_for_eval(t) for t in texts]
+    return all(reserved) if held_out else not any(reserved)
 
 
 def _mostly_ascii(text: str) -> bool:
@@ -127,18 +129,18 @@ def _sharegpt_first_turns() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _alpaca() -> list[_Item]:
+def _alpaca(held_out: bool = True) -> list[_Item]:
     rows = json.loads(assets.extract_member("llamafactory", _LLAMAFACTORY + "alpaca_en_demo.json").read_text())
     items = []
     for i, row in enumerate(rows):
         instruction, extra = row["instruction"].strip(), row.get("input", "").strip()
         full = f"{instruction}\n\n{extra}" if extra else instruction
-        if _reserved(instruction, full):
+        if _on_side(held_out, instruction, full):
             items.append(_Item(f"alpaca/{i}", "alpaca", full, full, (instruction,)))
     return items
 
 
-def _sharegpt() -> list[_Item]:
+def _sharegpt(held_out: bool = True) -> list[_Item]:
     seen, items = set(), []
     for conv_id, turn in _sharegpt_first_turns():
         text = turn.strip()
@@ -146,7 +148,7 @@ def _sharegpt() -> list[_Item]:
         if key in seen or not 20 <= len(text) <= _MAX_INSTRUCTION_CHARS or not _mostly_ascii(text):
             continue
         seen.add(key)
-        if is_reserved_for_eval(text):
+        if _on_side(held_out, text):
             items.append(_Item(f"sharegpt/{conv_id}", "sharegpt", text, text))
     return items
 
@@ -155,8 +157,8 @@ def _is_story_request(text: str) -> bool:
     return bool(_STORY_REQUEST.search(text))
 
 
-def _offline_items(task: str) -> dict[str, list[_Item]]:
-    """Reserved items of one task family, by source."""
+def _offline_items(task: str, held_out: bool = True) -> dict[str, list[_Item]]:
+    """Items of one task family by source: the reserved ones (``held_out``) or the training side's (none reserved)."""
     if task == "summarization":
         wiki = assets.extract_member("llamafactory", _LLAMAFACTORY + "wiki_demo.txt").read_text(encoding="utf-8")
         docs = [line.strip() for line in wiki.splitlines() if line.strip()]
@@ -165,11 +167,11 @@ def _offline_items(task: str) -> dict[str, list[_Item]]:
             json.loads(line)["text"].strip() for line in c4_path.read_text(encoding="utf-8").splitlines() if line
         ]
         return {
-            "wiki": [_Item(f"wiki/{i}", "wiki", d, d) for i, d in enumerate(docs) if is_reserved_for_eval(d)],
+            "wiki": [_Item(f"wiki/{i}", "wiki", d, d) for i, d in enumerate(docs) if _on_side(held_out, d)],
             "c4": [
                 _Item(f"c4/{i}", "c4", d, d)
                 for i, d in enumerate(c4)
-                if len(d) >= _MIN_ARTICLE_CHARS and is_reserved_for_eval(d)
+                if len(d) >= _MIN_ARTICLE_CHARS and _on_side(held_out, d)
             ],
         }
     if task == "code":
@@ -179,14 +181,14 @@ def _offline_items(task: str) -> dict[str, list[_Item]]:
             "humaneval": [
                 _Item(p["task_id"], "humaneval", p["prompt"], p["prompt"])
                 for p in problems
-                if is_reserved_for_eval(p["prompt"])
+                if _on_side(held_out, p["prompt"])
             ]
         }
     if task in ("story", "instruction"):
         want_story = task == "story"
         return {
             name: [it for it in items if _is_story_request(it.message) == want_story]
-            for name, items in (("alpaca", _alpaca()), ("sharegpt", _sharegpt()))
+            for name, items in (("alpaca", _alpaca(held_out)), ("sharegpt", _sharegpt(held_out)))
         }
     raise TaskError(f"unknown task family {task!r}; choose from {', '.join(TASKS)}")
 
@@ -299,10 +301,28 @@ def load_tasks(
             )
         prompts = []
         for item in select_items(pool, prompts_per_task, seed, task):
-            message = item.message
-            if task == "summarization":
-                message = SUMMARIZE.format(article=_truncate_tokens(tokenizer, message, max_article_tokens))
-            text, ids = _encode(tokenizer, message, chat=(task != "code" or code_chat))
+            message, chat = format_message(task, item.message, tokenizer, max_article_tokens, code_chat)
+            text, ids = _encode(tokenizer, message, chat=chat)
             prompts.append(EvalPrompt(task, f"{task}/{item.id}", item.source, text, ids, item.source_text))
         out[task] = prompts
     return out
+
+
+def format_message(
+    task: str, raw: str, tokenizer, max_article_tokens: int = 384, code_chat: bool = False
+) -> tuple[str, bool]:
+    """The message a task family's prompt is made of, and whether it goes through the chat template."""
+    if task == "summarization":
+        return SUMMARIZE.format(article=_truncate_tokens(tokenizer, raw, max_article_tokens)), True
+    return raw, task != "code" or code_chat
+
+
+def training_items(task: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(id, raw message, texts that were hashed)`` of a task family's offline items on the TRAINING side: the
+    same sources and shapes as the evaluation prompts, none of their hashed texts reserved (distillation prompts
+    shaped like the evaluation without ever being one)."""
+    return [
+        (it.id, it.message, (it.source_text, *it.also_reserved))
+        for items in _offline_items(task, held_out=False).values()
+        for it in sorted(items, key=lambda it: it.id)
+    ]

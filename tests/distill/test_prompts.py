@@ -26,6 +26,51 @@ def test_kd_prompts_never_include_evaluation_items(smollm2_dir):
     assert len(kd_texts) == len(kd)  # deduplicated
 
 
+def test_task_shaped_prompts_mirror_the_evaluation_and_never_meet_it(smollm2_dir):
+    from fastdraft_ray.distill.prompts import PromptError, load_prompts
+    from fastdraft_ray.evaluate.tasks import load_tasks
+    from fastdraft_ray.models.target import load_tokenizer
+
+    tok = load_tokenizer(str(smollm2_dir))
+    kd = load_prompts({"summ": "task:summarization", "code": "task:code"}, tok, 40, max_prompt_tokens=600)
+    by_source = {s: [p for p in kd if p.source == s] for s in ("summ", "code")}
+    assert all(p.message.startswith("Summarize the following article") and p.chat for p in by_source["summ"])
+    code = by_source["code"]
+    assert code and not any(p.chat for p in code)  # raw completion, as the evaluation's code prompts
+    assert all(p.prompt_ids == tok(p.message)["input_ids"] for p in code)
+    evaluation = load_tasks(tok, ["summarization", "code"], prompts_per_task=8)
+    eval_texts = {p.source_text for ps in evaluation.values() for p in ps} | {
+        p.text for ps in evaluation.values() for p in ps
+    }
+    assert not eval_texts & {p.message for p in kd}
+    with pytest.raises(PromptError, match="unknown task family"):
+        load_prompts({"x": "task:poetry"}, tok, 1)
+
+
+def test_function_prompts_are_signature_and_docstring():
+    from fastdraft_ray.distill.prompts import function_prompts
+
+    source = """
+class A:
+    @staticmethod
+    def area(r):
+        \"\"\"Area of a circle of radius r, in square units.\"\"\"
+        return 3.14159 * r * r
+
+def short():
+    \"\"\"Too short.\"\"\"
+    return 1
+
+def undocumented(x):
+    return x
+"""
+    got = list(function_prompts(source))
+    assert got == [
+        ("area", '@staticmethod\ndef area(r):\n    """Area of a circle of radius r, in square units."""\n')
+    ]
+    assert list(function_prompts("def broken(:\n")) == []
+
+
 def test_record_shapes_and_filters(tmp_path, smollm2_dir):
     from fastdraft_ray.distill.prompts import PromptError, load_prompts, read_source
     from fastdraft_ray.models.target import load_tokenizer
