@@ -74,6 +74,7 @@ def stack(cfg, data_dir: str, trace_dir: Path, warmup: int, tokens_per_step: int
     from fastdraft_ray.train.run import train_stage
 
     start = time.perf_counter()
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray runs workers at nice 15: same priority as the baseline
     ray.init(
         num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
         include_dashboard=False,
@@ -119,6 +120,7 @@ def main() -> None:
     from fastdraft_ray.train.run import prepare_init
     from tests.train.shards import write_shards
 
+    load_before = os.getloadavg()[0]
     workers, rows_per_step = 2, 2 * args.micro_batch
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     overrides = [
@@ -182,7 +184,7 @@ def main() -> None:
         f"Draft: {cfg.draft.num_layers} layers x {cfg.draft.hidden_size} hidden, vocab {len(tokenizer):,}, "
         f"{params / 1e6:.1f}M params (target {cfg.model.target}). {args.steps} steps of {rows_per_step} rows x "
         f"{args.seq_len} tokens (global batch {rows_per_step * args.seq_len:,} tokens); tokens/s excludes the first "
-        f"{args.warmup} steps. Machine: {os.cpu_count()} CPUs, shared with other jobs (noisy).",
+        f"{args.warmup} steps. Machine: {os.cpu_count()} CPUs, load average before the run {load_before:.2f}, after {os.getloadavg()[0]:.2f} (1 min).",
         "",
         "| run | tokens/s | wall s (incl. start-up) | peak RSS MB | final loss |",
         "|---|---:|---:|---:|---:|",

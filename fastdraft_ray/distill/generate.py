@@ -170,17 +170,22 @@ class GenerateActor:
         return {k: np.array(v) for k, v in out.items()}
 
     def _generate(self, model, prompts: list[list[int]], temperature: float, max_new: int):
-        results = []
-        for start in range(0, len(prompts), self.gen.batch_size):
-            results += generate_batch(
+        # batches of similar length: left padding to a long prompt makes every short one pay its prefill
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results = [None] * len(prompts)
+        for start in range(0, len(order), self.gen.batch_size):
+            idx = order[start : start + self.gen.batch_size]
+            batch = generate_batch(
                 model,
-                prompts[start : start + self.gen.batch_size],
+                [prompts[i] for i in idx],
                 temperature=temperature,
                 max_new_tokens=max_new,
                 pad=self.pad,
                 eos=self.eos,
                 top_p=self.gen.top_p,
             )
+            for i, result in zip(idx, batch, strict=True):
+                results[i] = result
         return results
 
     def _magpie(self, unit: dict) -> tuple[pa.Table, int]:
@@ -354,7 +359,7 @@ def response_units(cfg: RunConfig, out: Path, prompts: pa.Table) -> list[dict]:
     units = []
     for writer in ("target", "draft"):
         mine = [r for r in rows if r["writer"] == writer]
-        for temp in g.temperatures:
+        for temp in sorted(g.temperatures):  # greedy first: the most useful rows if a run is cut short
             for s, start in enumerate(range(0, len(mine), g.shard_prompts)):
                 shard = mine[start : start + g.shard_prompts]
                 units.append(
