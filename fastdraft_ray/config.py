@@ -54,6 +54,18 @@ class DraftConfig:
         None, "Tie input embedding and LM head; None copies the target's setting."
     )
     init_from: str | None = doc(None, "Initialise from this HF draft folder instead of random weights.")
+    head_vocab: int = doc(
+        0, "Output head covers only the K most frequent training tokens + all special tokens; 0 = full vocabulary."
+    )
+    head_vocab_from: str = doc(
+        "",
+        "Count token frequencies for head_vocab in this shard or KD folder; empty = the stage's training shards.",
+    )
+    init: str = doc(
+        "random",
+        "random | pca (target embeddings projected to the draft width) | layers (copy target layers; target widths)",
+    )
+    init_layers: list = doc([], "init=layers: target layer indices to copy; empty = num_layers evenly spaced.")
 
 
 @dataclass
@@ -170,6 +182,15 @@ class EvaluateConfig:
     stop_at_eos: bool = doc(True, "Stop a generation at the target's EOS token.")
     cpus_per_worker: int = doc(0, "CPU cores (and torch threads) per worker; 0 = all cores / num_workers.")
     use_gpu: bool = doc(False, "Run each worker on one GPU.")
+    precision: str = doc(
+        "", "Target AND draft precision: fp32 | bf16 | fp16 | int8 (dynamic int8 Linear, CPU); '' = model.dtype."
+    )
+    draft_precision: str = doc("", "Draft precision if different from evaluate.precision ('' = the same).")
+    gamma_policy: str = doc(
+        "constant", "Draft length per step: constant | confidence | heuristic | cost (specdec/policy.py)."
+    )
+    confidence_threshold: float = doc(0.4, "confidence policy: stop drafting when the draft's token prob < this.")
+    max_gamma: int = doc(8, "heuristic/cost policies: most draft tokens per step.")
 
 
 @dataclass
@@ -195,6 +216,21 @@ class ServeConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The whole run as one job (jobs/pipeline.py): prepare -> pt -> cp -> generate -> ft -> evaluate -> report."""
+
+    stages: list = doc(
+        ["prepare", "pt", "cp", "generate", "ft", "evaluate"],
+        "Stages to run (always in the order prepare, pt, cp, generate, ft, evaluate); finished ones are skipped.",
+    )
+    evaluate_drafts: list = doc(
+        ["pt", "cp", "ft"],
+        "Stage exports evaluated together against one shared target baseline (unfinished: left out).",
+    )
+    force: list = doc([], "Stages to re-run from scratch even when finished with the same settings and inputs.")
+
+
+@dataclass
 class RunConfig:
     """A whole run: where it lives and every stage's settings."""
 
@@ -208,6 +244,7 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"doc": "Evaluation."})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"doc": "Architecture search."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "Serving."})
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": "The one-job pipeline."})
     stages: dict = doc({}, "Per-stage overrides: stage (pt, cp, ft) -> {dotted.key: value}; see stage_config().")
 
     @property

@@ -34,6 +34,8 @@ CSV_FIELDS = (
     "acceptance_rate",
     "block_efficiency",
     "ideal_block_efficiency",
+    "mean_gamma",
+    "plain_steps",
     "mbsu",
     "hw_speedup",
     "hw_speedup_verify",
@@ -170,9 +172,11 @@ def write_report(results: EvalResults, run_dir: str, config: dict | None = None)
 
 def summary(results: EvalResults) -> str:
     """A few lines for the console: per draft and mode, the pooled α, τ, MBSU and speedups."""
+    s = results.settings
     lines = [
-        f"target {results.target}: γ={results.settings['gamma']}, {len(results.tasks)} tasks, "
-        f"{results.settings['prompts_per_task']} prompts each, {results.wall_time_s:.0f} s"
+        f"target {results.target}: γ={s['gamma']} ({s.get('gamma_policy', 'constant')}), "
+        f"{s.get('precision', 'fp32')}, {len(results.tasks)} tasks, "
+        f"{s['prompts_per_task']} prompts each, {results.wall_time_s:.0f} s"
     ]
     for draft, mode in _groups(results):
         row = next(r for r in results.rows if (r["draft"], r["mode"], r["task"]) == (draft, mode, ALL))

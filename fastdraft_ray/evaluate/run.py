@@ -13,6 +13,12 @@ like. Per (draft, mode, task) it reports, with the definitions of DESIGN.md:
   (time per token of the baseline / time per token of speculative decoding), which equals the plain time
   ratio whenever the lengths match (always under greedy).
 
+Target and drafts run at ``evaluate.precision`` (fp32 | bf16 | fp16 | int8, ``specdec.precision``): the
+baseline is the target alone AT THE SAME PRECISION. ``evaluate.gamma_policy`` picks the draft length per step
+(``specdec.policy``); each worker measures c and the target's verify-cost curve first, which the ``cost`` policy
+uses; a fresh policy is built per generation, so prompts stay independent. Adaptive policies vary gamma, so
+MBSU and the hardware-aware speedups use the mean gamma per step (``mean_gamma``) there.
+
 ``num_workers == 1`` runs in this process (CPU); more, or ``use_gpu``, spreads the prompts round-robin over Ray actors that each load
 the models once. Every prompt's sampling generator is seeded from ``(seed, prompt id)`` alone, so alpha, tau
 and the tokens do not depend on the worker count (only timings do).
@@ -35,6 +41,8 @@ from fastdraft_ray.models.draft import check_compatible, count_params, load_draf
 from fastdraft_ray.models.target import load_target, load_target_config, load_tokenizer
 from fastdraft_ray.specdec import stats as S
 from fastdraft_ray.specdec.decode import autoregressive_generate, speculative_generate
+from fastdraft_ray.specdec.policy import POLICIES, CostModel, make_policy
+from fastdraft_ray.specdec.precision import PrecisionError, prepare_for_inference, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,8 @@ class DraftInfo:
     draft_step_s: float = 0.0
     target_step_s: float = 0.0
     verify_step_s: float = 0.0
+    verify_cost: list[float] = field(default_factory=list)  # target: k tokens in one forward / one step, k=1..
+    precision: str = ""  # the draft's deployment precision (the target's is settings["precision"])
 
 
 @dataclass
@@ -112,7 +122,13 @@ class Evaluator:
         self.target, self.tokenizer = load_target(
             target.target, dtype=target.dtype, device=self.device, trust_remote_code=target.trust_remote_code
         )
-        self.drafts = {name: load_draft(path).to(self.device) for name, path in drafts.items()}
+        self.target = prepare_for_inference(self.target, settings.get("precision", "fp32"), inplace=True)
+        self.drafts = {
+            name: prepare_for_inference(
+                load_draft(path).to(self.device), settings.get("draft_precision", "fp32"), inplace=True
+            )
+            for name, path in drafts.items()
+        }
         self.s = settings
         self._latencies: dict | None = None
         gen_eos = getattr(self.target.generation_config, "eos_token_id", None)
@@ -123,20 +139,38 @@ class Evaluator:
     def _ids(self, prompt: EvalPrompt) -> torch.Tensor:
         return torch.tensor([prompt.input_ids], dtype=torch.long, device=self.device)
 
-    def latencies(self, prompt: EvalPrompt) -> dict[str, dict[str, float]]:
-        """Median step latencies on ``prompt``'s context, and warm every model up (first calls are slow)."""
+    def latencies(self, prompt: EvalPrompt) -> dict[str, dict]:
+        """Median step latencies and the target's verify-cost curve on ``prompt``'s context, and warm every
+        model up (first calls are slow)."""
         ids, gamma = self._ids(prompt), self.s["gamma"]
-        target_step = S.measure_step_latency(self.target, ids, 1)
-        verify_step = S.measure_step_latency(self.target, ids, gamma + 1)
+        policy = self.s.get("gamma_policy", "constant")
+        max_k = max(gamma, self.s.get("max_gamma", gamma) if policy in ("cost", "heuristic") else gamma) + 1
+        for draft in self.drafts.values():
+            speculative_generate(self.target, draft, ids, gamma=gamma, max_new_tokens=gamma + 2)
+        curve, target_step = S.measure_verify_cost(self.target, ids, max_k)
         out = {}
         for name, draft in self.drafts.items():
-            speculative_generate(self.target, draft, ids, gamma=gamma, max_new_tokens=gamma + 2)
             out[name] = {
                 "draft_step_s": S.measure_step_latency(draft, ids, 1),
                 "target_step_s": target_step,
-                "verify_step_s": verify_step,
+                "verify_step_s": curve[gamma] * target_step,
+                "verify_cost": list(curve),
             }
         return out
+
+    def _policy(self, name: str):
+        """A fresh gamma policy for one generation with draft ``name`` (cost: from this worker's latencies)."""
+        s, cost = self.s, None
+        if s.get("gamma_policy", "constant") == "cost":
+            lat = self._latencies[name]
+            cost = CostModel(lat["draft_step_s"] / lat["target_step_s"], tuple(lat["verify_cost"]))
+        return make_policy(
+            s.get("gamma_policy", "constant"),
+            s["gamma"],
+            confidence_threshold=s.get("confidence_threshold", 0.4),
+            max_gamma=s.get("max_gamma", 8),
+            cost=cost,
+        )
 
     def run(self, prompts: list[EvalPrompt]) -> tuple[list[dict], dict]:
         """Records for every (prompt, mode, draft), and the latencies measured on this worker (once, on the
@@ -165,7 +199,7 @@ class Evaluator:
             base = autoregressive_generate(self.target, ids, generator=self._gen(seed), **kw)
             for name, draft in self.drafts.items():
                 spec = speculative_generate(
-                    self.target, draft, ids, gamma=self.s["gamma"], generator=self._gen(seed), **kw
+                    self.target, draft, ids, policy=self._policy(name), generator=self._gen(seed), **kw
                 )
                 st = spec.stats
                 records.append(
@@ -184,6 +218,7 @@ class Evaluator:
                         "target_time_s": st.target_time_s,
                         "draft_forwards": st.draft_forwards,
                         "target_forwards": st.target_forwards,
+                        "plain_steps": st.proposed_per_step.count(0),
                         "base_new_tokens": base.stats.new_tokens,
                         "base_wall_time_s": base.stats.wall_time_s,
                         "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
@@ -199,8 +234,11 @@ class Evaluator:
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
-def aggregate(records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: list[str]) -> list[dict]:
-    """Rows per (draft, mode, task) plus the pooled ``all`` task, with every metric of the module docstring."""
+def aggregate(
+    records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: list[str], gamma_policy: str = "constant"
+) -> list[dict]:
+    """Rows per (draft, mode, task) plus the pooled ``all`` task, with every metric of the module docstring.
+    An adaptive ``gamma_policy`` prices the cost metrics at the mean gamma per step instead of ``gamma``."""
     rows = []
     modes = [m for m in MODES if any(r["mode"] == m for r in records)]
     for info in drafts:
@@ -212,11 +250,22 @@ def aggregate(records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: l
                     if r["draft"] == info.name and r["mode"] == mode and (task == ALL or r["task"] == task)
                 ]
                 if recs:
-                    rows.append(_row(info, mode, task, recs, gamma))
+                    rows.append(_row(info, mode, task, recs, gamma, gamma_policy != "constant"))
     return rows
 
 
-def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) -> dict:
+def _verify_s(info: DraftInfo, gamma: float) -> float:
+    """Target time to verify ``gamma`` (possibly a fractional mean) draft tokens, from the measured curve."""
+    curve = info.verify_cost
+    if not curve:
+        return info.verify_step_s
+    k = min(gamma + 1.0, float(len(curve)))
+    lo, frac = int(k), k - int(k)
+    v = curve[lo - 1] + (curve[lo] - curve[lo - 1]) * frac if frac else curve[lo - 1]
+    return v * info.target_step_s
+
+
+def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, adaptive: bool = False) -> dict:
     tot = {
         k: sum(r[k] for r in recs)
         for k in (
@@ -231,11 +280,13 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) ->
     }
     alpha = S.acceptance_rate(tot["accepted"], tot["proposed"])
     tau = S.block_efficiency(tot["new_tokens"], tot["steps"])
+    mean_gamma = tot["proposed"] / tot["steps"] if tot["steps"] else 0.0
+    g_cost = mean_gamma if adaptive else gamma  # gamma the cost formulas charge
     base_per_token = tot["base_wall_time_s"] / max(tot["base_new_tokens"], 1)
     spec_per_token = tot["wall_time_s"] / max(tot["new_tokens"], 1)
-    hw = S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s) if info.target_step_s else 0.0
+    hw = S.hardware_speedup(tau, g_cost, info.draft_step_s, info.target_step_s) if info.target_step_s else 0.0
     hw_verify = (
-        S.hardware_speedup(tau, gamma, info.draft_step_s, info.target_step_s, info.verify_step_s)
+        S.hardware_speedup(tau, g_cost, info.draft_step_s, info.target_step_s, _verify_s(info, g_cost))
         if info.target_step_s
         else 0.0
     )
@@ -248,7 +299,9 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int) ->
         "acceptance_rate": alpha,
         "block_efficiency": tau,
         "ideal_block_efficiency": S.ideal_block_efficiency(alpha, gamma),
-        "mbsu": S.mbsu(tau, gamma, info.c_params),
+        "mbsu": S.mbsu(tau, g_cost, info.c_params),
+        "mean_gamma": mean_gamma,
+        "plain_steps": sum(r.get("plain_steps", 0) for r in recs),
         "hw_speedup": hw,
         "hw_speedup_verify": hw_verify,
         "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,
@@ -356,8 +409,19 @@ def evaluate(
         raise EvaluationError(f"evaluate.modes={modes!r}: choose from {', '.join(MODES)}")
     if "sampling" in modes and cfg.temperature <= 0:
         raise EvaluationError("sampling mode needs evaluate.temperature > 0 (greedy is its own mode)")
-    if cfg.num_workers < 1 or cfg.gamma < 1 or cfg.max_new_tokens < 1:
-        raise EvaluationError("evaluate.num_workers, gamma and max_new_tokens must all be >= 1")
+    if cfg.num_workers < 1 or cfg.gamma < 1 or cfg.max_new_tokens < 1 or cfg.max_gamma < 1:
+        raise EvaluationError("evaluate.num_workers, gamma, max_gamma and max_new_tokens must all be >= 1")
+    if cfg.gamma_policy not in POLICIES:
+        raise EvaluationError(f"evaluate.gamma_policy={cfg.gamma_policy!r}: choose from {', '.join(POLICIES)}")
+    if not 0.0 <= cfg.confidence_threshold < 1.0:
+        raise EvaluationError(f"evaluate.confidence_threshold must be in [0, 1), got {cfg.confidence_threshold}")
+    try:
+        precision = resolve_precision(cfg.precision, model.dtype)
+        draft_precision = resolve_precision(cfg.draft_precision or precision)
+    except PrecisionError as exc:
+        raise EvaluationError(f"evaluate.precision / draft_precision: {exc}") from None
+    if cfg.use_gpu and "int8" in (precision, draft_precision):
+        raise EvaluationError("int8 (dynamic quantisation) runs on CPU only: use precision=bf16 with use_gpu")
     tokenizer = load_tokenizer(model.target, model.trust_remote_code)
     drafts = _draft_names([str(p) for p in draft_paths])
     _check_drafts(model, drafts, tokenizer)
@@ -378,6 +442,11 @@ def evaluate(
         "num_workers": cfg.num_workers,
         "source": cfg.source,
         "prompts_per_task": cfg.prompts_per_task,
+        "precision": precision,
+        "draft_precision": draft_precision,
+        "gamma_policy": cfg.gamma_policy,
+        "confidence_threshold": cfg.confidence_threshold,
+        "max_gamma": cfg.max_gamma,
     }
     log.info(
         "evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)",
@@ -394,11 +463,14 @@ def evaluate(
     infos = []
     for name, path in drafts.items():
         d_model = load_draft(path)
-        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model))
+        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model), precision=draft_precision)
         info.c_params = info.param_bytes / target_bytes
         worker_lat = [lat[name] for lat in latencies if name in lat]
         for key in ("draft_step_s", "target_step_s", "verify_step_s"):
             setattr(info, key, sum(w[key] for w in worker_lat) / len(worker_lat) if worker_lat else 0.0)
+        if worker_lat:  # mean curve over workers
+            curves = [w["verify_cost"] for w in worker_lat]
+            info.verify_cost = [sum(v) / len(curves) for v in zip(*curves, strict=True)]
         infos.append(info)
     tasks = list(prompts)
     return EvalResults(
@@ -406,7 +478,7 @@ def evaluate(
         settings,
         infos,
         records,
-        aggregate(records, infos, cfg.gamma, tasks),
+        aggregate(records, infos, cfg.gamma, tasks, cfg.gamma_policy),
         tasks,
         time.perf_counter() - start,
     )

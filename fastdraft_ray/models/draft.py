@@ -1,11 +1,14 @@
 """Derive a draft from any target: same family, vocabulary, special tokens, rope and tokenizer, smaller shape.
 
 Also: parameter counting, picking widths for a parameter budget, save/load as a plain HF folder, and the
-compatibility check every draft must pass before speculative decoding.
+compatibility check every draft must pass before speculative decoding. Optional (``DraftConfig``): a
+vocabulary-trimmed output head (``head_vocab``, :mod:`.trimmed_head`, kept set from :mod:`.vocab`) and
+target-derived initialisation (``init``, :mod:`.init`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -15,6 +18,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel
 
 from fastdraft_ray.config import DraftConfig
+from fastdraft_ray.models.init import check_init_method, init_from_target, layers_shape
+from fastdraft_ray.models.trimmed_head import trimmed_config, trimmed_head
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ _DROP = (
     "dtype",
 )
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_WIDTHS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 
 
 def _head_dim(config: PretrainedConfig) -> int:
@@ -70,9 +76,25 @@ def derive_draft_config(target: PretrainedConfig, shape: DraftConfig | None = No
     """A draft config of the target's family with ``shape``'s depth and widths.
 
     Vocabulary size, special-token ids and rope settings are copied from the target. Unknown families fall
-    back to Llama (logged).
+    back to Llama (logged). ``shape.init == "layers"`` takes the widths from the target; ``shape.head_vocab > 0``
+    gives the trimmed-head twin of the family config (:func:`.trimmed_head.trimmed_config`).
     """
     shape = shape or DraftConfig()
+    check_init_method(shape.init)
+    if shape.init == "layers":
+        shape = layers_shape(target, shape)
+    base = _derive_family_config(target, shape)
+    if not shape.head_vocab:
+        return base
+    if not 0 < shape.head_vocab <= base.vocab_size:
+        raise ValueError(
+            f"draft.head_vocab={shape.head_vocab} must be 0 (full vocabulary) or in 1..{base.vocab_size} "
+            "(the target's vocabulary size)"
+        )
+    return trimmed_config(base, shape.head_vocab)
+
+
+def _derive_family_config(target: PretrainedConfig, shape: DraftConfig) -> PretrainedConfig:
     if shape.num_heads <= 0 or shape.num_kv_heads <= 0 or shape.num_heads % shape.num_kv_heads:
         raise ValueError(
             f"num_kv_heads={shape.num_kv_heads} must be positive and divide num_heads={shape.num_heads}"
@@ -138,13 +160,45 @@ def build_draft(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def new_draft(target: PretrainedConfig, shape: DraftConfig, seed: int = 0) -> PreTrainedModel:
-    """A random draft for ``target``: ``shape``'s widths, or widths picked for ``shape.params_budget`` when set."""
-    if shape.params_budget:
-        shape = draft_for_budget(
-            target, shape.params_budget, layers=shape.num_layers if shape.num_layers else None
+def new_draft(
+    target: PretrainedConfig,
+    shape: DraftConfig,
+    seed: int = 0,
+    *,
+    kept_ids: torch.Tensor | None = None,
+    target_model: PreTrainedModel | None = None,
+) -> PreTrainedModel:
+    """A new draft for ``target``: ``shape``'s widths, or widths picked for ``shape.params_budget`` when set.
+
+    ``shape.head_vocab > 0`` needs ``kept_ids`` (:func:`.vocab.kept_token_ids`); ``shape.init`` other than
+    ``random`` needs the loaded ``target_model`` to copy or project weights from.
+    """
+    check_init_method(shape.init)
+    if shape.params_budget and shape.init != "layers":
+        budget = draft_for_budget(
+            target,
+            shape.params_budget,
+            layers=shape.num_layers if shape.num_layers else None,
+            head_vocab=shape.head_vocab,
         )
-    return build_draft(derive_draft_config(target, shape), seed=seed)
+        shape = dataclasses.replace(shape, **{f: getattr(budget, f) for f in _WIDTHS}, params_budget=None)
+    if shape.head_vocab and kept_ids is None:
+        raise ValueError(
+            f"draft.head_vocab={shape.head_vocab} needs the kept token ids: count them on the training data "
+            "(fastdraft_ray.models.vocab.token_counts + kept_token_ids)"
+        )
+    if shape.init != "random" and target_model is None:
+        raise ValueError(f"draft.init={shape.init} needs the target's weights (pass target_model)")
+    draft = build_draft(derive_draft_config(target, shape), seed=seed)
+    if kept_ids is not None:
+        head = trimmed_head(draft)
+        if head is None:
+            raise ValueError("kept_ids given but draft.head_vocab is 0")
+        head.set_kept_ids(kept_ids)
+    if shape.init != "random":
+        record = init_from_target(draft, target_model, shape.init, shape.init_layers or None)
+        log.info("draft initialised from the target: %s", record)
+    return draft
 
 
 @dataclass(frozen=True)
@@ -183,13 +237,18 @@ def param_bytes(model: PreTrainedModel) -> int:
 
 
 def draft_for_budget(
-    target: PretrainedConfig, params: float = 50e6, layers: int | None = None, head_dim: int | None = None
+    target: PretrainedConfig,
+    params: float = 50e6,
+    layers: int | None = None,
+    head_dim: int | None = None,
+    head_vocab: int = 0,
 ) -> DraftConfig:
     """Choose depth/widths whose total parameter count is as close to ``params`` as possible (not above).
 
     Widths are multiples of ``head_dim`` (default: the target's); the MLP is 8/3 x hidden for gated MLPs
     (4x for GPT-NeoX); the KV-head ratio follows the target's where it divides. ``layers=None`` tries 2..16
     layers and, among shapes within 10% of the closest fit, keeps the one whose hidden/layers is nearest 64.
+    ``head_vocab`` counts a trimmed head of that many rows instead of the full-vocabulary one.
     """
     head_dim = head_dim or _head_dim(target)
     kv_ratio = max(
@@ -203,7 +262,12 @@ def draft_for_budget(
         kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d * kv_ratio <= max(heads, kv_ratio))
         inter = int(round(hidden * mlp_mult / 64)) * 64 or 64
         return DraftConfig(
-            num_layers=n_layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv, intermediate_size=inter
+            num_layers=n_layers,
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=inter,
+            head_vocab=head_vocab,
         )
 
     candidates = []
@@ -238,7 +302,8 @@ def save_draft(model: PreTrainedModel, tokenizer, out_dir: str | Path) -> Path:
 
 
 def load_draft(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a draft folder with ``AutoModelForCausalLM`` (eval mode)."""
+    """Load a draft folder with ``AutoModelForCausalLM`` (eval mode); trimmed-head drafts load with the locally
+    registered classes (no remote code)."""
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 

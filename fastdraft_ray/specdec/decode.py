@@ -29,6 +29,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from fastdraft_ray.models.draft import check_compatible
 from fastdraft_ray.specdec import stats as S
+from fastdraft_ray.specdec.policy import GammaPolicy
 from fastdraft_ray.specdec.sampling import (
     VerifyFn,
     check_sampling_args,
@@ -58,6 +59,7 @@ class DecodeStats:
     target_time_s: float = 0.0
     wall_time_s: float = 0.0
     accepted_per_step: list[int] = field(default_factory=list)
+    proposed_per_step: list[int] = field(default_factory=list)  # gamma actually used per step (policies vary it)
 
     @property
     def acceptance_rate(self) -> float:
@@ -87,6 +89,7 @@ class DecodeStats:
             target_time_s=self.target_time_s + other.target_time_s,
             wall_time_s=self.wall_time_s + other.wall_time_s,
             accepted_per_step=self.accepted_per_step + other.accepted_per_step,
+            proposed_per_step=self.proposed_per_step + other.proposed_per_step,
         )
 
 
@@ -175,6 +178,7 @@ def speculative_generate(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    policy: GammaPolicy | None = None,
     _verify: VerifyFn = verify_sampled,
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` tokens of ``target`` after ``input_ids`` (shape (1, n)), drafting with
@@ -184,10 +188,13 @@ def speculative_generate(
     randomness from ``generator``. Generation stops after the first token in ``eos_token_id`` (included;
     ``None`` = never stop early) or at ``max_new_tokens``; the last step proposes fewer than ``gamma`` tokens
     when fewer are needed, so nothing is computed past the budget. ``_verify`` swaps the sampling rule (tests).
+
+    ``policy`` (``specdec.policy``) chooses the number of draft tokens per step instead of the constant
+    ``gamma`` (then ignored): a confidence stop, transformers' heuristic schedule, or a cost model that may
+    choose 0 (a plain target step). Its state carries over when the same object is passed again.
     """
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
-    if gamma < 1:
-        raise ValueError(f"gamma must be >= 1 draft token per step, got {gamma}")
+    policy = policy if policy is not None else GammaPolicy(gamma)
     check_compatible(target, draft)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
     t_run, d_run = _Runner(target), _Runner(draft)
@@ -200,21 +207,27 @@ def speculative_generate(
         d_run(prompt[:-1])
     last, pending = prompt[-1], [prompt[-1]]  # pending: tokens the draft cache has not seen yet
 
+    confident = policy.needs_confidence
     while len(out) < max_new_tokens:
-        g = min(gamma, max_new_tokens - len(out) - 1)
+        g_max = min(policy.gamma(), max_new_tokens - len(out) - 1)
         drafted: list[int] = []
         q_rows: list[torch.Tensor] = []
         feed = pending
-        for _ in range(g):
+        for i in range(g_max):
             logits = d_run(feed)[-1]
             if greedy:
                 tok = int(logits.argmax())
+                conf = float(torch.softmax(logits.float(), dim=-1)[tok]) if confident else 1.0
             else:
                 q = probs_from_logits(logits, temperature, top_p)
                 tok = sample(q, generator)
                 q_rows.append(q)
+                conf = float(q[tok])
             drafted.append(tok)
             feed = [tok]
+            if confident and i < g_max - 1 and policy.stop(conf):  # the draft's own belief in its token
+                break
+        g = len(drafted)
         # Draft cache now holds seq + d_1..d_{g-1} (when g > 0).
 
         target_logits = t_run([last, *drafted], keep=g + 1)
@@ -242,6 +255,8 @@ def speculative_generate(
         stats.proposed += g
         stats.accepted += n
         stats.accepted_per_step.append(n)
+        stats.proposed_per_step.append(g)
+        policy.update(g, n)
         emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
         out.extend(emitted)
         if hit_eos:

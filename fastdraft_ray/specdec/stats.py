@@ -6,6 +6,8 @@
 - c = draft cost / target cost; MBSU = tau / (gamma * c + 1) with c from parameter bytes (memory-bound);
   hardware-aware speedup: the same formula with c = measured draft step / measured target step latency
 - wall-clock speedup = target-only time / speculative time on the same prompts
+- verify-cost curve v(k) = time to score k tokens in one target forward / one decode step (measured: on CPUs
+  v(k) > 1); expected speedup tau / (gamma * c + v(gamma + 1)) generalises MBSU to it (``best_gamma``)
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 from transformers import PreTrainedModel
 
 from fastdraft_ray.models.draft import param_bytes
+
+# v[k - 1] = cost of scoring k tokens in one target forward / cost of one decode step (v[0] = 1)
+VerifyCurve = tuple[float, ...] | list[float]
 
 
 def _check_count(name: str, value: float) -> None:
@@ -55,7 +60,7 @@ def cost_ratio_from_params(draft: PreTrainedModel, target: PreTrainedModel) -> f
     return param_bytes(draft) / param_bytes(target)
 
 
-def mbsu(tau: float, gamma: int, c: float) -> float:
+def mbsu(tau: float, gamma: float, c: float) -> float:
     """Memory-bound speedup tau / (gamma * c + 1)."""
     _check_count("tau", tau)
     _check_count("gamma", gamma)
@@ -64,7 +69,7 @@ def mbsu(tau: float, gamma: int, c: float) -> float:
 
 
 def hardware_speedup(
-    tau: float, gamma: int, draft_step_s: float, target_step_s: float, verify_step_s: float | None = None
+    tau: float, gamma: float, draft_step_s: float, target_step_s: float, verify_step_s: float | None = None
 ) -> float:
     """tau / (gamma * c + 1) with c = measured draft step / target step latency.
 
@@ -89,20 +94,46 @@ def wallclock_speedup(target_only_s: float, speculative_s: float) -> float:
     return target_only_s / speculative_s
 
 
-def best_gamma(alpha: float, c: float, max_gamma: int = 8) -> tuple[int, float]:
-    """The gamma in 1..max_gamma maximising ideal tau(alpha, gamma) / (gamma * c + 1), with that speedup.
+def expected_speedup(alpha: float, gamma: int, c: float, verify_cost: VerifyCurve | None = None) -> float:
+    """Expected tokens per unit time relative to plain decoding, for i.i.d. per-token acceptance ``alpha``.
+
+    ideal tau(alpha, gamma) / (gamma * c + v(gamma + 1)) where v(k) = cost of scoring k tokens in one target
+    forward / one decode step (``verify_cost[k - 1]``; ``None`` = the memory-bound picture v(k) = 1, i.e. MBSU).
+    gamma = 0 is plain decoding: exactly 1.
+    """
+    _check_count("gamma", gamma)
+    _check_count("c", c)
+    if gamma == 0:
+        return 1.0
+    return ideal_block_efficiency(alpha, gamma) / (gamma * c + verify_at(verify_cost, gamma + 1))
+
+
+def verify_at(verify_cost: VerifyCurve | None, k: int) -> float:
+    """v(k): relative cost of scoring ``k`` tokens at once (1.0 when no curve is given)."""
+    if verify_cost is None:
+        return 1.0
+    if not 1 <= k <= len(verify_cost):
+        raise ValueError(f"the verify-cost curve covers k = 1..{len(verify_cost)} tokens, {k} asked")
+    return float(verify_cost[k - 1])
+
+
+def best_gamma(
+    alpha: float, c: float, max_gamma: int = 8, verify_cost: VerifyCurve | None = None
+) -> tuple[int, float]:
+    """The gamma in 1..max_gamma maximising ``expected_speedup`` (memory-bound when ``verify_cost`` is None),
+    with that speedup.
 
     Returns ``(0, 1.0)`` when no gamma beats plain decoding (speedup <= 1).
     """
     if max_gamma < 1:
         raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
     best = max(
-        ((g, mbsu(ideal_block_efficiency(alpha, g), g, c)) for g in range(1, max_gamma + 1)), key=lambda gs: gs[1]
+        ((g, expected_speedup(alpha, g, c, verify_cost)) for g in range(1, max_gamma + 1)),
+        key=lambda gs: gs[1],
     )
     return best if best[1] > 1.0 else (0, 1.0)
 
 
-@torch.inference_mode()
 def measure_step_latency(
     model: PreTrainedModel, input_ids: torch.LongTensor, n_tokens: int = 1, repeats: int = 7, warmup: int = 2
 ) -> float:
@@ -111,22 +142,47 @@ def measure_step_latency(
     The cache is cropped back after every timed forward, so each repeat sees the same context length.
     ``n_tokens=1`` is a decode step (draft or target step); ``n_tokens=gamma+1`` is a verify forward.
     """
+    return measure_forward_latencies(model, input_ids, [n_tokens], repeats, warmup)[n_tokens]
+
+
+@torch.inference_mode()
+def measure_forward_latencies(
+    model: PreTrainedModel, input_ids: torch.LongTensor, sizes: list[int], repeats: int = 7, warmup: int = 2
+) -> dict[int, float]:
+    """Median seconds of a forward of k new tokens on a warm cache holding ``input_ids``, for each k in ``sizes``.
+
+    The sizes are timed round-robin within each repeat, so load from other processes spreads over all of them
+    (ratios between sizes stay meaningful on a shared machine); the cache is cropped back after every forward.
+    """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
-    if n_tokens < 1 or repeats < 1:
-        raise ValueError(f"n_tokens and repeats must be >= 1, got {n_tokens}, {repeats}")
+    if not sizes or min(sizes) < 1 or repeats < 1:
+        raise ValueError(f"sizes and repeats must be >= 1, got {sizes}, {repeats}")
     from fastdraft_ray.specdec.decode import _Runner  # decode imports this module
 
     run = _Runner(model)  # crops after every timed forward
     run(input_ids[0])
-    step = input_ids[0, -1:].repeat(n_tokens)
-    times = []
+    times: dict[int, list[float]] = {k: [] for k in sizes}
     for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        run(step, keep=n_tokens)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        run.crop(n_tokens)
-    return statistics.median(times)
+        for k in sizes:
+            step = input_ids[0, -1:].repeat(k)
+            t0 = time.perf_counter()
+            run(step, keep=k)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize(run.device)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+            run.crop(k)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_verify_cost(
+    model: PreTrainedModel, input_ids: torch.LongTensor, max_k: int = 8, repeats: int = 7, warmup: int = 2
+) -> tuple[tuple[float, ...], float]:
+    """The verify-cost curve of ``model`` on a warm cache holding ``input_ids``: ``(v, step_s)`` with
+    ``v[k - 1]`` = median time to score k tokens in one forward / median time of one decode step
+    (k = 1..max_k, so ``v[0] == 1``) and ``step_s`` that one-step median in seconds."""
+    if max_k < 1:
+        raise ValueError(f"max_k must be >= 1, got {max_k}")
+    lat = measure_forward_latencies(model, input_ids, list(range(1, max_k + 1)), repeats, warmup)
+    return tuple(lat[k] / lat[1] for k in range(1, max_k + 1)), lat[1]

@@ -1,9 +1,21 @@
-"""Training losses: next-token cross-entropy on packed rows (PT, CP) and the distillation losses of FT."""
+"""Training losses: next-token cross-entropy on packed rows (PT, CP) and the distillation losses of FT.
+
+Drafts with a vocabulary-trimmed head (``draft.head_vocab``, models/trimmed_head.py) are scored on their K-wide
+kept-set logits (cheaper than V-wide): targets outside the kept set are IGNORED (``IGNORE_INDEX``), not mapped to
+a remainder bucket. The draft can never propose those tokens, and the draft distribution that maximises the
+acceptance rate sum_x min(p(x), q(x)) under that constraint is the target's conditioned on the kept set,
+p(x | x in K) -- exactly what cross-entropy on the in-set targets estimates. Such positions are typically
+well under 1-2% of tokens for K >= 8k; the loss is then the kept-set loss (not comparable 1:1 with a
+full-head draft's loss). Sparse top-k KD targets are restricted to top-k ∩ kept set and renormalised
+(positions with none of their top-k in the kept set are skipped).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from fastdraft_ray.models.trimmed_head import IGNORE_INDEX, kept_logits, trimmed_head
 
 
 def split_row_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,14 +27,30 @@ def split_row_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (computed in fp32)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """Mean cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (computed in fp32; targets equal
+    to ``IGNORE_INDEX`` are left out)."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def draft_logits(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logits, targets, topk_ids)`` to score: unchanged for a full-head model; for a trimmed head the K-wide
+    kept-set logits, with ``targets`` and ``topk_ids`` mapped to kept-set columns (``IGNORE_INDEX`` outside)."""
+    if trimmed_head(model) is None:
+        return model(input_ids=inputs).logits, targets, topk_ids
+    with kept_logits(model) as head:
+        logits = model(input_ids=inputs).logits
+    return logits, head.kept_index(targets), None if topk_ids is None else head.kept_index(topk_ids)
 
 
 def lm_loss(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """Next-token loss of a causal LM (or a DeepSpeed engine wrapping one) on packed rows."""
     inputs, targets = split_row_batch(rows)
-    return next_token_loss(model(input_ids=inputs).logits, targets)
+    logits, targets, _ = draft_logits(model, inputs, targets)
+    return next_token_loss(logits, targets)
 
 
 # ------------------------------------------------------------------------------------ distillation (FT stage)
@@ -48,13 +76,18 @@ def sparse_kd_terms(
     logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position ``(KL, TVD)`` ``[B, T]`` of the draft's ``logits [B, T, V]`` against renormalised top-k
-    targets ``topk_ids``/``topk_logprobs [B, T, k]`` (see the block comment above)."""
+    targets ``topk_ids``/``topk_logprobs [B, T, k]`` (see the block comment above). Negative ids (columns a
+    trimmed head does not have) are dropped from the target before renormalising; a position with none left
+    scores 0 (mask it out: ``topk_ids.ge(0).any(-1)``)."""
+    valid = topk_ids >= 0
     logq = F.log_softmax(logits.float(), dim=-1)
-    logq_k = logq.gather(-1, topk_ids.long())
-    logp = F.log_softmax(topk_logprobs.detach().float(), dim=-1)
-    p = logp.exp()
-    kl = (p * (logp - logq_k)).sum(-1)
-    q_k = logq_k.exp()
+    logq_k = logq.gather(-1, topk_ids.long().clamp_min(0))
+    target_logits = topk_logprobs.detach().float().masked_fill(~valid, float("-inf"))
+    target_logits = target_logits.masked_fill(~valid.any(-1, keepdim=True), 0.0)  # no valid id: avoid NaN
+    logp = F.log_softmax(target_logits, dim=-1)
+    p = logp.exp() * valid
+    kl = (p * (logp - logq_k)).masked_fill(~valid, 0.0).sum(-1)
+    q_k = logq_k.exp() * valid
     tvd = 0.5 * ((p - q_k).abs().sum(-1) + (1.0 - q_k.sum(-1)).clamp_min(0.0))
     return kl, tvd
 
@@ -88,17 +121,21 @@ def kd_loss(
         raise ValueError(f"train.kd_loss must be one of {', '.join(KD_LOSSES)}, got {kind!r}")
     mask = mask.float()
     hard_mask = mask if hard is None else mask * hard.float()[:, None]
+    hard_mask = hard_mask * (targets != IGNORE_INDEX)  # targets a trimmed head cannot score
     terms = {}
     if kind in ("ce", "ce_kl", "ce_tvd"):
         ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(), reduction="none"
+            logits.float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1).long(),
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
         ).view_as(mask)
         terms["ce"] = masked_mean(ce, hard_mask)
     if kind != "ce":
         if topk_ids is None or topk_logprobs is None:
             raise ValueError(f"train.kd_loss={kind} needs top-k targets: generate with generate.topk_logprobs > 0")
         kl, tvd = sparse_kd_terms(logits, topk_ids, topk_logprobs)
-        terms["soft"] = masked_mean(kl if kind.endswith("kl") else tvd, mask)
+        terms["soft"] = masked_mean(kl if kind.endswith("kl") else tvd, mask * topk_ids.ge(0).any(-1))
     if kind == "ce":
         return terms["ce"]
     if kind in ("kl", "tvd"):
@@ -110,15 +147,15 @@ def ft_loss(model: torch.nn.Module, rows: torch.Tensor, layout, kind: str, alpha
     """The FT loss of a causal LM (or DeepSpeed engine) on fixed-width FT rows (:mod:`~.kd_rows`)."""
     parts = layout.decode(rows)
     ids = parts["ids"]
-    logits = model(input_ids=ids[:, :-1]).logits
+    logits, targets, topk_ids = draft_logits(model, ids[:, :-1], ids[:, 1:], parts.get("topk_ids"))
     return kd_loss(
         logits,
-        ids[:, 1:],
+        targets,
         parts["mask"],
         kind,
         alpha=alpha,
         hard=parts["hard"],
-        topk_ids=parts.get("topk_ids"),
+        topk_ids=topk_ids,
         topk_logprobs=parts.get("topk_logprobs"),
     )
 

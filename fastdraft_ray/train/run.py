@@ -48,26 +48,60 @@ def completed_record(cfg: RunConfig) -> dict | None:
     return record
 
 
-def prepare_init(cfg: RunConfig, out: Path, init_from: str | None) -> Path:
+def prepare_init(cfg: RunConfig, out: Path, init_from: str | None, data_dir: str | None = None) -> Path:
     """Write the stage's starting draft to ``out``: a copy of ``init_from`` or a fresh draft derived from the
-    target (``cfg.draft`` shape, ``cfg.train.seed``), with the target's tokenizer. Idempotent."""
+    target (``cfg.draft`` shape and ``init``, ``cfg.train.seed``), with the target's tokenizer. Idempotent.
+
+    ``cfg.draft.head_vocab > 0``: a fresh draft gets a trimmed head whose kept set is counted on
+    ``cfg.draft.head_vocab_from`` or else ``data_dir`` (the stage's shards); an ``init_from`` draft keeps its
+    kept set (CP/FT continue with PT's), and a full-head ``init_from`` draft is trimmed to that count's top K.
+    """
     from fastdraft_ray.models.draft import check_compatible, load_draft, new_draft, save_draft
-    from fastdraft_ray.models.target import load_target_config, load_tokenizer
+    from fastdraft_ray.models.target import load_target, load_target_config, load_tokenizer
+    from fastdraft_ray.models.trimmed_head import trimmed_head
+    from fastdraft_ray.models.vocab import trim_draft
 
     if (out / "config.json").exists():
         return out
     tokenizer = load_tokenizer(cfg.model.target, cfg.model.trust_remote_code)
     target_config = load_target_config(cfg.model.target, cfg.model.trust_remote_code)
+    k = cfg.draft.head_vocab
     if init_from:
         draft = load_draft(init_from)
+        head = trimmed_head(draft)
+        if head is not None and k and k != head.head_vocab:
+            log.warning(
+                "%s has a %d-token head: keeping it (draft.head_vocab=%d ignored)", init_from, head.head_vocab, k
+            )
+        if head is None and k:
+            draft = trim_draft(draft, _kept_ids(cfg, data_dir, tokenizer, target_config))
     else:
-        draft = new_draft(target_config, cfg.draft, seed=cfg.train.seed)
+        kept = _kept_ids(cfg, data_dir, tokenizer, target_config) if k else None
+        target_model = None
+        if cfg.draft.init != "random":
+            target_model = load_target(cfg.model.target, trust_remote_code=cfg.model.trust_remote_code)[0]
+        draft = new_draft(target_config, cfg.draft, seed=cfg.train.seed, kept_ids=kept, target_model=target_model)
     check_compatible(target_config, draft)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_draft(draft, tokenizer, tmp)
     tmp.rename(out)
     return out
+
+
+def _kept_ids(cfg: RunConfig, data_dir: str | None, tokenizer, target_config):
+    """Kept token ids of a trimmed head: special tokens + the most frequent tokens of the counted data."""
+    from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_ids, token_counts
+
+    source = cfg.draft.head_vocab_from or data_dir
+    if not source:
+        raise ValueError(
+            "draft.head_vocab > 0 needs token counts: set draft.head_vocab_from or pass the data folder"
+        )
+    counts = token_counts(source, target_config.vocab_size)
+    kept = kept_token_ids(counts, cfg.draft.head_vocab, special_token_ids(tokenizer, target_config))
+    log.info("trimmed head: %d kept tokens cover %.2f%% of %s", len(kept), 100 * coverage(counts, kept), source)
+    return kept
 
 
 def _resume_position(sdir: Path) -> DataPosition | None:
@@ -194,7 +228,7 @@ def train_stage(
     geo = Geometry(tc.num_workers, tc.micro_batch_size, tc.grad_accum_steps, int(manifest["seq_len"]))
     total_steps = geo.total_steps(tc.token_budget)
     deepspeed_config(tc, total_steps)  # validate before starting workers
-    init_dir = prepare_init(cfg, sdir / "init", init_from)
+    init_dir = prepare_init(cfg, sdir / "init", init_from, data_dir=data_dir)
     rows_per_epoch = _split_rows(manifest, "train")
     _check_cpus(tc)
     resume = _resume_position(sdir)

@@ -1,0 +1,224 @@
+"""Does a draft pay off on this machine? One row per (draft, precision, gamma policy, mode) (issue #7's table):
+
+    python benchmarks/bench_draft_efficiency.py --drafts cp=runs/cpu_default/cp/export \\
+        [--precision fp32 int8] [--gamma-policy constant cost] [--modes greedy sampling] \\
+        [--prompts-per-task 2 --max-new-tokens 48 --gamma 3 --threads 1]
+
+Each row runs the evaluation harness (``fastdraft_ray.evaluate.run.evaluate``: held-out prompts of the four
+task families, target alone then speculative decoding back to back per prompt) with target AND draft at the
+row's precision, so every speedup is against the target alone AT THE SAME PRECISION. Columns: alpha per task
+family, c = measured draft step / target step, v(gamma+1) = measured cost of scoring gamma+1 tokens in one
+target forward / one decode step, the mean gamma the policy used and the share of plain (gamma 0) steps, the
+wall-clock speedup per task family and overall, the cost-model prediction tau / (gamma*c + v(gamma+1)), and for
+greedy whether every output equals the target's own greedy output. Writes
+``benchmarks/results/draft_efficiency_<date>.md`` and ``.csv`` with the machine in the header. Timings on a shared
+machine are noisy: each row's baseline is re-run next to it, which keeps ratios fair, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from benchmarks.bench_specdec import machine  # noqa: E402
+from fastdraft_ray.config import EvaluateConfig, ModelConfig  # noqa: E402
+from fastdraft_ray.evaluate.run import ALL, evaluate  # noqa: E402
+from fastdraft_ray.evaluate.tasks import TASKS, load_tasks  # noqa: E402
+from fastdraft_ray.models.target import load_tokenizer  # noqa: E402
+from fastdraft_ray.specdec.policy import POLICIES  # noqa: E402
+from fastdraft_ray.specdec.precision import PRECISIONS  # noqa: E402
+
+FIELDS = (
+    "draft",
+    "precision",
+    "policy",
+    "mode",
+    "task",
+    "prompts",
+    "new_tokens",
+    "acceptance_rate",
+    "block_efficiency",
+    "mean_gamma",
+    "plain_step_share",
+    "c",
+    "verify_cost",
+    "target_step_ms",
+    "draft_step_ms",
+    "predicted_speedup",
+    "speedup",
+    "matches_target",
+)
+
+
+def parse_drafts(items: list[str]) -> dict[str, str]:
+    """``name=path`` pairs (a bare path is named after its folder)."""
+    out = {}
+    for item in items:
+        name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        if not (Path(path) / "config.json").exists():
+            raise SystemExit(f"--drafts {item}: {path} is not an HF model folder (no config.json)")
+        out[name] = path
+    return out
+
+
+def run_rows(args, drafts: dict[str, str], prompts) -> list[dict]:
+    """Evaluate every (precision, policy); one output row per (draft, precision, policy, mode, task)."""
+    rows = []
+    by_path = {path: name for name, path in drafts.items()}
+    for precision in args.precision:
+        for policy in args.gamma_policy:
+            cfg = EvaluateConfig(
+                tasks=list(prompts),
+                prompts_per_task=args.prompts_per_task,
+                max_new_tokens=args.max_new_tokens,
+                gamma=args.gamma,
+                temperature=args.temperature,
+                modes=args.modes,
+                seed=args.seed,
+                cpus_per_worker=args.threads,
+                precision=precision,
+                gamma_policy=policy,
+                confidence_threshold=args.confidence_threshold,
+                max_gamma=args.max_gamma,
+            )
+            print(f"== precision {precision}, policy {policy}", flush=True)
+            res = evaluate(ModelConfig(target=args.target), list(drafts.values()), cfg, prompts=prompts)
+            infos = {d.name: d for d in res.drafts}
+            for r in res.rows:
+                info = infos[r["draft"]]
+                c = info.draft_step_s / info.target_step_s
+                g = r["mean_gamma"] if policy != "constant" else args.gamma
+                rows.append(
+                    {
+                        "draft": by_path.get(info.path, info.name),
+                        "precision": precision,
+                        "policy": policy,
+                        "mode": r["mode"],
+                        "task": r["task"],
+                        "prompts": r["prompts"],
+                        "new_tokens": r["new_tokens"],
+                        "acceptance_rate": r["acceptance_rate"],
+                        "block_efficiency": r["block_efficiency"],
+                        "mean_gamma": r["mean_gamma"],
+                        "plain_step_share": r["plain_steps"] / max(r["steps"], 1),
+                        "c": c,
+                        "verify_cost": info.verify_cost[args.gamma],
+                        "target_step_ms": 1e3 * info.target_step_s,
+                        "draft_step_ms": 1e3 * info.draft_step_s,
+                        "predicted_speedup": r["hw_speedup_verify"] if g else 1.0,
+                        "speedup": r["speedup"],
+                        "matches_target": r["matches_target"],
+                    }
+                )
+    return rows
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def render(args, rows: list[dict], tasks: list[str], header: str) -> str:
+    """One table: a row per (draft, precision, policy, mode); alpha and speedup per task family, then overall."""
+    cols = [f"{t} α" for t in tasks] + [f"{t} speedup" for t in tasks]
+    head = (
+        ["draft", "precision", "policy", "mode", "target ms/step", "c", f"v({args.gamma + 1})", "mean γ", "plain"]
+        + cols
+        + ["α all", "τ all", "predicted", "speedup all", "greedy = target"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["draft"], r["precision"], r["policy"], r["mode"]), {})[r["task"]] = r
+    for (draft, precision, policy, mode), by_task in groups.items():
+        a = by_task[ALL]
+        cells = [draft, precision, policy, mode, _fmt(a["target_step_ms"], 1), _fmt(a["c"], 3)]
+        cells += [_fmt(a["verify_cost"]), _fmt(a["mean_gamma"]), _fmt(a["plain_step_share"])]
+        cells += [_fmt(by_task[t]["acceptance_rate"], 3) if t in by_task else "—" for t in tasks]
+        cells += [_fmt(by_task[t]["speedup"]) if t in by_task else "—" for t in tasks]
+        match = a["matches_target"]
+        cells += [_fmt(a["acceptance_rate"], 3), _fmt(a["block_efficiency"]), _fmt(a["predicted_speedup"])]
+        cells += [f"**{a['speedup']:.2f}**", "—" if match is None else f"{match:.0%} of prompts"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        "",
+        "α = accepted / proposed draft tokens; τ = tokens per target verify forward; c = draft step / target step "
+        f"and v({args.gamma + 1}) = one forward scoring {args.gamma + 1} tokens / one decode step, both measured at "
+        "the row's precision (medians, warm KV cache on the first prompt); mean γ = draft tokens per step actually "
+        "proposed, plain = share of steps with γ = 0 (cost policy: speculation off; also the last step of a "
+        "generation when the token budget leaves no room). predicted = τ / (mean γ · c + v(mean γ + 1)). "
+        "speedup = wall-clock time per token of the target alone at the SAME precision / time per token of "
+        "speculative decoding, same prompts, back to back. greedy = target: share of prompts whose greedy output "
+        "is token-for-token the target's own (int8 dynamic quantisation scores a k-token chunk with one "
+        "activation scale, so it need not be).",
+    ]
+    return "\n".join([header, "", *lines, *notes, ""])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--drafts", nargs="+", required=True, help="name=path of HF draft folders")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    ap.add_argument("--gamma-policy", nargs="+", default=["constant"], choices=POLICIES)
+    ap.add_argument("--modes", nargs="+", default=["greedy"], choices=["greedy", "sampling"])
+    ap.add_argument("--temperature", type=float, default=0.6, help="sampling mode (paper protocol: 0.6)")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--prompts-per-task", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--gamma", type=int, default=3)
+    ap.add_argument("--max-gamma", type=int, default=8)
+    ap.add_argument("--confidence-threshold", type=float, default=0.4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--out", default=None, help="markdown path (default benchmarks/results/draft_efficiency_<date>.md)"
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    drafts = parse_drafts(args.drafts)
+    tokenizer = load_tokenizer(args.target)
+    prompts = load_tasks(tokenizer, args.tasks, args.prompts_per_task, args.seed)
+    start = machine()
+    rows = run_rows(args, drafts, prompts)
+    header = "\n".join(
+        [
+            f"# Draft efficiency on this machine ({datetime.datetime.now():%Y-%m-%d %H:%M})",
+            "",
+            f"Command: `python benchmarks/bench_draft_efficiency.py {' '.join(sys.argv[1:])}`",
+            f"Target: {args.target}; drafts: " + ", ".join(f"{n} = {p}" for n, p in drafts.items()),
+            f"Prompts: {args.prompts_per_task} per task family ({', '.join(prompts)}), up to {args.max_new_tokens} "
+            f"new tokens, EOS stops; gamma {args.gamma} (adaptive policies up to {args.max_gamma}); sampling at "
+            f"T={args.temperature}.",
+            f"Machine at start: {start}",
+            f"Machine at end: {machine()}",
+        ]
+    )
+    report = render(args, rows, list(prompts), header)
+    print(report)
+    out = Path(args.out or ROOT / "benchmarks/results" / f"draft_efficiency_{datetime.date.today():%Y-%m-%d}.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"written to {out} and {out.with_suffix('.csv')}")
+
+
+if __name__ == "__main__":
+    main()
