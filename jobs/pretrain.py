@@ -18,6 +18,7 @@ from pathlib import Path
 from fastdraft_ray.cli import parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
 from fastdraft_ray.data.prepare import default_output
+from fastdraft_ray.pipeline.stages import init_source
 from fastdraft_ray.train.run import completed_record, run_stage_job, stage_dir
 
 log = logging.getLogger("pretrain")
@@ -36,14 +37,12 @@ def main() -> None:
     setup_logging()
     cfg = stage_config(cfg, args.stage)
     data_dir = args.data or default_output(cfg.run_dir, cfg.data)
-    init_from = args.init_from or cfg.draft.init_from
-    if args.stage == "cp" and not init_from:
-        init_from = str(stage_dir(cfg, "pt") / "export")
-        if not Path(init_from, "config.json").exists():
-            raise SystemExit(
-                f"CP starts from the PT export, but {init_from} does not exist: run --stage pt first "
-                "(or pass --init-from DIR)"
-            )
+    init_from = args.init_from or init_source(cfg, args.stage)
+    if args.stage == "cp" and not Path(init_from, "config.json").exists():
+        raise SystemExit(
+            f"CP starts from {init_from} (the PT export by default), which is not an HF draft folder: "
+            "run --stage pt first (or pass --init-from DIR)"
+        )
     done = completed_record(cfg)
     if done is not None:
         print(

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default (real target, real data, CPU):
-# creates .venv, starts a local Ray head with token authentication unless one is running, then submits each
-# stage with `ray job submit` and follows its logs: derive the draft, prepare PT and CP shards, PT, CP, evaluate.
-# FASTDRAFT_RECIPE=cpu_quick gives a ~10-minute first look. Extra arguments are config overrides (key.sub=value).
-# Every stage skips work already done (DONE.json / finished shards), so a re-run resumes where it stopped.
+# creates .venv, starts a local Ray head with token authentication unless one is running, then submits ONE Ray job
+# with `ray job submit` and follows its logs: jobs/pipeline.py runs prepare -> PT -> CP -> generate KD data -> FT ->
+# evaluate -> report. FASTDRAFT_RECIPE=cpu_quick gives a ~10-minute first look. Extra arguments are config
+# overrides (key.sub=value). Every stage skips work already done with the same settings, so a re-run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -22,36 +22,33 @@ if ! dashboard_up; then
   fi
   # The agent's default port 52365 may be taken by another Ray instance; a taken port disables job submission.
   # One logical CPU more than the cores: Ray Data reads shards beside the training workers.
+  # The dashboard listens where RAY_DASHBOARD says (default 8265), so a second demo can run beside a busy head.
   ray start --head --port="$gcs_port" --num-cpus="${RAY_NUM_CPUS:-$(( $(nproc) + 1 ))}" --dashboard-host=127.0.0.1 \
-    --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats
+    --dashboard-port="${DASHBOARD##*:}" --dashboard-agent-listen-port="$(free_port)" --disable-usage-stats
 fi
 STORAGE=${FASTDRAFT_STORAGE:-$(pwd)/runs}
 RECIPE=${FASTDRAFT_RECIPE:-cpu_default}
 RUN_DIR=$STORAGE/$(python -c 'import sys; from fastdraft_ray.config import load_config
 print(load_config(sys.argv[1]).run_name)' "$RECIPE")
 
-submit() {  # submit one job and follow it; fail the script if the job fails
+OVERRIDES=("$@")
+submit_pipeline() {  # submit the pipeline job and follow it; fail the script if the job fails
   local out job_id status
   # A fresh head needs a few seconds before its job agent accepts submissions: retry only that error.
   for attempt in $(seq 1 30); do
     if out=$(ray job submit --address "$DASHBOARD" --working-dir . --no-wait -- \
-        python "$@" --config "$RECIPE" storage="$STORAGE" "${OVERRIDES[@]}" 2>&1); then break; fi
+        python jobs/pipeline.py --config "$RECIPE" storage="$STORAGE" "${OVERRIDES[@]}" 2>&1); then break; fi
     if ! grep -q "No available agent" <<<"$out" || [ "$attempt" = 30 ]; then echo "$out" >&2; exit 1; fi
     sleep 2
   done
   job_id=$(grep -o "raysubmit_[A-Za-z0-9]*" <<<"$out" | head -1)
-  echo "=== $* — $job_id (dashboard: $DASHBOARD)"
+  echo "=== jobs/pipeline.py --config $RECIPE — $job_id (dashboard: $DASHBOARD)"
   ray job logs --address "$DASHBOARD" --follow "$job_id"
   status=$(ray job status --address "$DASHBOARD" "$job_id" 2>&1)
-  if ! grep -qi "succeeded" <<<"$status"; then echo "$status" >&2; echo "job $job_id ($*) failed" >&2; exit 1; fi
+  if ! grep -qi "succeeded" <<<"$status"; then echo "$status" >&2; echo "job $job_id failed" >&2; exit 1; fi
 }
 
-OVERRIDES=("$@")
-submit jobs/derive_draft.py
-submit jobs/prepare_data.py --stage pt
-submit jobs/prepare_data.py --stage cp
-submit jobs/pretrain.py --stage pt
-submit jobs/pretrain.py --stage cp
-OVERRIDES+=("evaluate.drafts=[$RUN_DIR/pt/export,$RUN_DIR/cp/export]")
-submit jobs/evaluate.py
-echo "run directory: $RUN_DIR — report: $RUN_DIR/eval/results.md"
+started=$SECONDS
+submit_pipeline
+echo "run directory: $RUN_DIR ($(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s)"
+echo "report: $RUN_DIR/report/report.md (+ results.csv, acceptance.png, loss_curve.png); full evaluation: $RUN_DIR/eval/results.md"

@@ -1,0 +1,276 @@
+"""The pipeline's final report in ``<run_dir>/report/``: the paper's main table for this run, side by side with
+the paper's published numbers.
+
+- ``report.md``     the draft after each stage (PT, PT->CP, PT->CP->FT) x the four task families: acceptance rate α
+                    at the evaluation protocol (paper: γ = 3, T = 0.6), then block efficiency τ, MBSU and wall-clock
+                    speedup over the target alone; greedy α and the lossless check; what each stage did.
+- ``results.csv``   one row per (draft, mode, task) with those metrics, plus the paper's rows (``source=paper``).
+- ``acceptance.png`` α per task per stage next to the paper's.
+- ``loss_curve.png`` train/val loss of PT, CP and FT on one tokens axis.
+
+Everything is rendered from ``<run_dir>/eval/results.json`` (written by the evaluate stage) and the pipeline's
+records, so the report can be re-made without re-running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from fastdraft_ray.config import RunConfig
+from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT, PaperResult
+from fastdraft_ray.evaluate.run import ALL, EvalResults
+from fastdraft_ray.pipeline.stages import LABELS
+
+STAGE_LABELS = {"pt": "PT", "cp": "PT→CP", "ft": "PT→CP→FT"}
+METRICS = (
+    ("acceptance_rate", "Acceptance rate α", "{:.3f}"),
+    ("block_efficiency", "Block efficiency τ (tokens per target forward)", "{:.2f}"),
+    ("mbsu", "MBSU (memory-bound speedup, c = draft/target parameter bytes)", "{:.2f}"),
+    ("speedup", "Wall-clock speedup over the target alone (measured, same prompts)", "{:.2f}×"),
+)
+CSV_FIELDS = (
+    "source",
+    "draft",
+    "stage",
+    "mode",
+    "task",
+    "prompts",
+    "acceptance_rate",
+    "block_efficiency",
+    "mbsu",
+    "hw_speedup",
+    "speedup",
+    "matches_target",
+    "target",
+)
+
+
+def load_results(run_dir: str | Path) -> EvalResults:
+    """The evaluate stage's results (``<run_dir>/eval/results.json``)."""
+    return EvalResults.from_dict(json.loads((Path(run_dir) / "eval" / "results.json").read_text()))
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+def _label(draft: str) -> str:
+    return STAGE_LABELS.get(draft, draft)
+
+
+def _row(results: EvalResults, draft: str, mode: str, task: str) -> dict | None:
+    return next(
+        (r for r in results.rows if (r["draft"], r["mode"], r["task"]) == (draft, mode, task)),
+        None,
+    )
+
+
+def main_mode(results: EvalResults) -> str:
+    """The mode of the paper's table (sampling) if it was evaluated, else the first one."""
+    modes = results.settings["modes"]
+    return "sampling" if "sampling" in modes else modes[0]
+
+
+def metric_table(
+    results: EvalResults, mode: str, metric: str, fmt: str, paper: PaperResult | None = None
+) -> list[str]:
+    """Markdown lines: rows = drafts (stage order), columns = tasks + ``all``; the paper's row last, if given."""
+    tasks = [*results.tasks, ALL]
+    lines = ["| draft | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for info in results.drafts:
+        cells = []
+        for task in tasks:
+            row = _row(results, info.name, mode, task)
+            cells.append("—" if row is None or row[metric] is None else fmt.format(row[metric]))
+        lines.append(f"| {_label(info.name)} | " + " | ".join(cells) + " |")
+    if paper is not None:
+        values = [paper.acceptance_rate.get(t) for t in tasks]
+        cells = ["—" if v is None else fmt.format(v) for v in values]
+        lines.append(f"| *{paper.label} ({paper.target.split('/')[-1]} target)* | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _protocol_note(results: EvalResults, mode: str, paper: PaperResult) -> str:
+    s = results.settings
+    same = mode == "sampling" and s["gamma"] == paper.gamma and abs(s["temperature"] - paper.temperature) < 1e-9
+    if same:
+        return f"Same protocol as the paper: γ = {paper.gamma}, multinomial sampling at T = {paper.temperature}."
+    used = f"{mode} at T = {s['temperature']}" if mode == "sampling" else mode
+    return (
+        f"**Protocol differs from the paper's** (γ = {paper.gamma}, sampling at T = {paper.temperature}): this run "
+        f"used γ = {s['gamma']}, {used}."
+    )
+
+
+def _stages_table(outcomes, records: dict) -> list[str]:
+    lines = ["| stage | this run | produced | wall time | result |", "|---|---|---|---:|---|"]
+    for outcome in outcomes:
+        if outcome.action == "not_selected" and outcome.stage not in records.get("stages", {}):
+            continue
+        rec = records.get("stages", {}).get(outcome.stage, {})
+        summary = rec.get("summary") or {}
+        result = ", ".join(
+            f"{k} {v.get('train', v) if isinstance(v, dict) else v:.4g}"
+            if isinstance(v, float)
+            else f"{k} {v.get('train', v) if isinstance(v, dict) else v}"
+            for k, v in summary.items()
+            if k not in ("output", "drafts") and v is not None
+        )
+        lines.append(
+            f"| {LABELS.get(outcome.stage, outcome.stage)} | {outcome.action.replace('_', ' ')}"
+            f"{(' (' + outcome.reason + ')') if outcome.reason else ''} | {rec.get('finished_at') or '—'} | "
+            f"{rec.get('wall_time_s', 0) / 60:.1f} min | {result or '—'} |"
+        )
+    return lines
+
+
+def _markdown(cfg: RunConfig, results: EvalResults, outcomes, records: dict, paper: PaperResult) -> str:
+    mode, s = main_mode(results), results.settings
+    drafts = ", ".join(
+        f"{_label(d.name)} `{d.path}` ({_params(d.params)} params, c = {d.c_params:.3f})" for d in results.drafts
+    )
+    parts = [
+        f"# FastDraft pipeline report: `{cfg.run_name}`",
+        "",
+        f"Target `{results.target}`. Drafts: {drafts}. {s['prompts_per_task']} held-out prompts per task "
+        f"({s['source']} sources), up to {s['max_new_tokens']} new tokens; evaluation wall time "
+        f"{results.wall_time_s / 60:.1f} min. {_protocol_note(results, mode, paper)}",
+        "",
+        f"Paper row: {paper.citation} — draft {paper.draft}. Its target is {paper.target} (3.8B); this run's "
+        f"target is `{results.target}`, so the row shows what the method reached at scale, not a like-for-like "
+        "number.",
+    ]
+    for metric, title, fmt in METRICS:
+        parts += ["", f"## {title} ({mode})", ""]
+        parts += metric_table(results, mode, metric, fmt, paper if metric == "acceptance_rate" else None)
+    if mode != "greedy" and "greedy" in s["modes"]:
+        parts += [
+            "",
+            "## Greedy decoding: acceptance rate α (output identical to the target's: lossless check)",
+            "",
+        ]
+        parts += metric_table(results, "greedy", "acceptance_rate", "{:.3f}")
+        same = [
+            f"{_label(d.name)} {r['matches_target']:.0%}"
+            for d in results.drafts
+            if (r := _row(results, d.name, "greedy", ALL)) is not None and r["matches_target"] is not None
+        ]
+        parts += ["", f"Prompts whose greedy speculative output equals the target's own: {', '.join(same)}."]
+    parts += ["", "## Stages", ""] + _stages_table(outcomes, records)
+    parts += [
+        "",
+        "Definitions (DESIGN.md): α = accepted / proposed draft tokens; τ = tokens emitted per target forward "
+        "(bonus token included); MBSU = τ / (γ·c + 1); wall-clock speedup = target-only time / speculative time on "
+        "the same prompts, per emitted token. `all` pools every prompt. Full evaluation: `../eval/results.md`; "
+        "loss curves: `loss_curve.png`; α chart: `acceptance.png`; every number: `results.csv`.",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _csv_rows(results: EvalResults, paper: PaperResult) -> list[dict]:
+    rows = [
+        {
+            "source": "this run",
+            "draft": _label(r["draft"]),
+            "stage": r["draft"],
+            **{k: r.get(k) for k in CSV_FIELDS if k in r and k not in ("draft",)},
+            "target": results.target,
+        }
+        for r in results.rows
+    ]
+    for task, alpha in paper.acceptance_rate.items():
+        rows.append(
+            {
+                "source": "paper",
+                "draft": paper.label,
+                "stage": "ft",
+                "mode": "sampling",
+                "task": task,
+                "acceptance_rate": alpha,
+                "target": paper.target,
+            }
+        )
+    return rows
+
+
+def plot_acceptance(results: EvalResults, mode: str, paper: PaperResult, path: Path) -> Path:
+    """Grouped bars: α per task for each stage's draft, and the paper's (hatched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results.tasks)
+    series = [
+        (_label(d.name), [(_row(results, d.name, mode, t) or {}).get("acceptance_rate") or 0.0 for t in tasks], {})
+        for d in results.drafts
+    ]
+    series.append(
+        (
+            f"{paper.label} ({paper.target.split('/')[-1]})",
+            [paper.acceptance_rate.get(t, 0.0) for t in tasks],
+            {"hatch": "//", "color": "lightgrey", "edgecolor": "dimgrey"},
+        )
+    )
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / len(series)
+    for i, (label, values, style) in enumerate(series):
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=label, **style)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(tasks))], tasks)
+    ax.set_ylabel("acceptance rate α")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+    s = results.settings
+    temp = f", T={s['temperature']}" if mode == "sampling" else ""
+    ax.set_title(
+        f"α per task after each stage (γ={s['gamma']}, {mode}{temp}); target {results.target}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def console_summary(results: EvalResults, paper: PaperResult) -> str:
+    """A few lines for the job log: α per task per stage, the paper's row, and pooled τ / MBSU / speedup."""
+    mode, tasks = main_mode(results), list(results.tasks)
+    head = f"{'draft':<12}" + "".join(f"{t[:13]:>14}" for t in tasks) + "   all: α / τ / MBSU / speedup"
+    lines = [f"acceptance rate α ({mode}, γ={results.settings['gamma']}), target {results.target}", head]
+    for d in results.drafts:
+        cells = "".join(
+            f"{(_row(results, d.name, mode, t) or {}).get('acceptance_rate', 0.0):>14.3f}" for t in tasks
+        )
+        pooled = _row(results, d.name, mode, ALL) or {}
+        lines.append(
+            f"{_label(d.name):<12}{cells}   {pooled.get('acceptance_rate', 0):.3f} / "
+            f"{pooled.get('block_efficiency', 0):.2f} / {pooled.get('mbsu', 0):.2f} / {pooled.get('speedup', 0):.2f}x"
+        )
+    cells = "".join(
+        f"{paper.acceptance_rate[t]:>14.3f}" if t in paper.acceptance_rate else f"{'—':>14}" for t in tasks
+    )
+    lines.append(f"{'paper (FT)':<12}{cells}   ({paper.target.split('/')[-1]} target, 50M draft)")
+    return "\n".join(lines)
+
+
+def write_pipeline_report(
+    cfg: RunConfig, outcomes, records: dict, paper: PaperResult = FASTDRAFT_PHI3_50M_FT
+) -> tuple[str, str]:
+    """Write ``<run_dir>/report/`` from the evaluation results; returns (path of report.md, console summary)."""
+    run_dir = Path(cfg.run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results = load_results(run_dir)
+    mode = main_mode(results)
+    (out / "report.md").write_text(_markdown(cfg, results, outcomes, records, paper))
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(_csv_rows(results, paper))
+    plot_acceptance(results, mode, paper, out / "acceptance.png")
+    if any((run_dir / s / "tb").exists() for s in ("pt", "cp", "ft")):
+        from fastdraft_ray.train.curves import plot_loss_curves
+
+        plot_loss_curves(run_dir, out / "loss_curve.png")
+    return str(out / "report.md"), console_summary(results, paper)

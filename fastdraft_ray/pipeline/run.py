@@ -1,0 +1,318 @@
+"""The pipeline driver: every selected stage in order inside one process (one Ray job), each skipped, resumed or
+re-run as its records say, then the report.
+
+Decision per stage (``decide``), from the stage's own completion record (``Stage.marker``) and the pipeline's
+record of it in ``<run_dir>/pipeline.json`` (settings, input fingerprints, output fingerprint):
+
+- finished, same settings and inputs as recorded               -> skipped
+- finished outside the pipeline (a stage job), same settings   -> skipped (adopted: recorded from now on)
+- finished, or partly done, with other settings or inputs      -> its folders are set aside (``<folder>.previous``)
+                                                                  and it runs from scratch
+- unfinished work (checkpoints, finished shards/units) and no
+  record of other settings                                     -> resumed (the stage functions resume by themselves)
+- otherwise                                                    -> started
+
+A stage's input fingerprint is the sha256 of the upstream stage's completion record, so a re-made upstream
+output (e.g. a new PT export) re-runs everything downstream of it. ``pipeline.force`` re-runs chosen stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastdraft_ray.config import RunConfig
+from fastdraft_ray.pipeline.stages import (
+    GROUPS,
+    NOT_AVAILABLE,
+    ORDER,
+    PipelineError,
+    Stage,
+    build_stage,
+    changed_keys,
+    output_fingerprint,
+)
+
+RECORD = "pipeline.json"
+
+
+@dataclass
+class StageOutcome:
+    """What one stage did in this invocation: action is skipped, started, resumed, rerun or not_selected."""
+
+    stage: str
+    action: str
+    reason: str = ""
+    wall_time_s: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    """Every stage's outcome, in order, and where the report went (None when nothing was evaluated yet)."""
+
+    run_dir: str
+    outcomes: list[StageOutcome]
+    report: str | None = None
+
+    def actions(self) -> dict[str, str]:
+        """``{stage: action}``."""
+        return {o.stage: o.action for o in self.outcomes}
+
+    def outcome(self, stage: str) -> StageOutcome:
+        return next(o for o in self.outcomes if o.stage == stage)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def resolve_run(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with an absolute local storage path (the pipeline writes through the local filesystem: a local
+    disk, or NFS shared by every node)."""
+    if "://" in cfg.storage:
+        raise PipelineError(
+            f"storage={cfg.storage!r}: the pipeline needs a filesystem path (local disk, or NFS mounted on every node)"
+        )
+    return dataclasses.replace(cfg, storage=str(Path(cfg.storage).expanduser().resolve()))
+
+
+def selected_stages(cfg: RunConfig) -> list[str]:
+    """The stage names ``pipeline.stages`` selects, in pipeline order; a clear error for an unknown name."""
+    chosen = list(cfg.pipeline.stages)
+    for name in [*chosen, *cfg.pipeline.force]:
+        if name in NOT_AVAILABLE:
+            raise PipelineError(NOT_AVAILABLE[name])
+        if name not in GROUPS and name not in ORDER:
+            raise PipelineError(f"unknown pipeline stage {name!r}; choose from {', '.join(GROUPS)}")
+    for name in cfg.pipeline.evaluate_drafts:
+        if name not in ("pt", "cp", "ft"):
+            raise PipelineError(f"pipeline.evaluate_drafts: {name!r} is not a training stage (pt, cp, ft)")
+    names = {s for name in chosen for s in GROUPS.get(name, (name,))}
+    return [s for s in ORDER if s in names]
+
+
+def _forced(cfg: RunConfig) -> set[str]:
+    return {s for name in cfg.pipeline.force for s in GROUPS.get(name, (name,))}
+
+
+def local_ray_resources(cfg: RunConfig) -> dict:
+    """``ray.init`` arguments when no cluster is given: logical CPUs enough for the training workers plus one for
+    Ray Data's reads, and for the generation actors."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
+    need = max(
+        cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
+        cfg.generate.num_actors * cfg.generate.cpus_per_actor,
+        (os.cpu_count() or 1) + 1,
+    )
+    return {"num_cpus": need}
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+def _read_records(run_dir: Path) -> dict:
+    path = run_dir / RECORD
+    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+
+def _write_records(run_dir: Path, records: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{RECORD}.part"
+    tmp.write_text(json.dumps(records, indent=1, default=str))
+    os.replace(tmp, run_dir / RECORD)
+
+
+def fingerprint(settings: dict, inputs: dict) -> str:
+    """sha256 of a stage's settings and its inputs' output fingerprints."""
+    blob = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _change(record: dict, stage: Stage, inputs: dict) -> str:
+    why = []
+    keys = changed_keys(record.get("settings", {}), stage.settings)
+    if keys:
+        why.append(f"settings changed: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    before = record.get("inputs", {})
+    moved = [k for k in sorted(set(inputs) | set(before)) if inputs.get(k) != before.get(k)]
+    if moved:
+        why.append(f"input changed: {', '.join(moved)}")
+    return "; ".join(why) or "settings or inputs changed"
+
+
+def decide(stage: Stage, record: dict | None, inputs: dict, forced: bool) -> tuple[str, str]:
+    """``(action, reason)`` for a stage: skip, adopt, start, resume or rerun (see the module docstring)."""
+    fp = fingerprint(stage.settings, inputs)
+    has_files = any(f.exists() for f in stage.folders)
+    if forced:
+        return ("rerun" if has_files else "start"), "forced (pipeline.force)"
+    if stage.done():
+        if record and record.get("status") == "done" and record.get("output") == output_fingerprint(stage.marker):
+            if record.get("fingerprint") == fp:
+                return "skip", "done, settings and inputs unchanged"
+            return "rerun", _change(record, stage, inputs)
+        why = stage.adopt()
+        if why is None:
+            return "adopt", "done outside the pipeline with the same settings"
+        return "rerun", why
+    if record and record.get("fingerprint") != fp and has_files:
+        return "rerun", f"unfinished work of other settings ({_change(record, stage, inputs)})"
+    progress = stage.unfinished()
+    if progress:
+        conflict = None if record else stage.conflict()
+        if conflict:
+            return "rerun", f"unfinished work of other settings ({conflict})"
+        return "resume", f"{progress}, no completion record"
+    return "start", ""
+
+
+def _set_aside(folders: tuple[Path, ...]) -> list[str]:
+    """Move each existing folder to ``<folder>.previous`` (replacing an older one); returns the new names."""
+    moved = []
+    for folder in folders:
+        if folder.exists():
+            previous = folder.with_name(folder.name + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            folder.rename(previous)
+            moved.append(previous.name)
+    return moved
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _format_summary(summary: dict) -> str:
+    parts = []
+    for key, value in summary.items():
+        if key in ("output", "drafts") or value is None:
+            continue
+        if isinstance(value, dict):
+            value = value.get("train", value)
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts)
+
+
+def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run the selected stages of ``cfg`` in order (Ray must be initialised), then write the report.
+
+    ``echo`` receives one line per stage transition (default: print, flushed, as ``[pipeline] ...``).
+    """
+    say = echo or (lambda line: print(f"[pipeline] {line}", flush=True))
+    cfg = resolve_run(cfg)
+    run_dir = Path(cfg.run_dir)
+    selected, forced = selected_stages(cfg), _forced(cfg)
+    records = _read_records(run_dir)
+    outcomes: list[StageOutcome] = []
+    say(f"run directory {run_dir}; stages: {', '.join(selected)}")
+    for name in ORDER:
+        if name not in selected:
+            outcomes.append(StageOutcome(name, "not_selected"))
+            continue
+        stage = build_stage(name, cfg, list(cfg.pipeline.evaluate_drafts))
+        inputs = {}
+        for upstream in stage.inputs:
+            marker = build_stage(upstream, cfg, []).marker
+            inputs[upstream] = output_fingerprint(marker)
+            if inputs[upstream] is None:
+                raise PipelineError(
+                    f"{stage.label} needs the output of {upstream}, which is not finished: add it to pipeline.stages"
+                )
+        outcomes.append(_run_stage(stage, records, run_dir, inputs, name in forced, say))
+    report = None
+    if (run_dir / "eval" / "results.json").exists():
+        from fastdraft_ray.pipeline.report import write_pipeline_report
+
+        report, text = write_pipeline_report(cfg, outcomes, records)
+        say(f"report: {report}")
+        print(text, flush=True)
+    else:
+        say("no evaluation results yet: add 'evaluate' to pipeline.stages for the report")
+    return PipelineResult(str(run_dir), outcomes, report)
+
+
+def _run_stage(
+    stage: Stage, records: dict, run_dir: Path, inputs: dict, forced: bool, say: Callable[[str], None]
+) -> StageOutcome:
+    record = records["stages"].get(stage.name)
+    action, reason = decide(stage, record, inputs, forced)
+    fp = fingerprint(stage.settings, inputs)
+    if action in ("skip", "adopt"):
+        if action == "adopt":
+            records["stages"][stage.name] = _record(stage, inputs, fp, "done", "adopted", 0.0, {})
+            _write_records(run_dir, records)
+        say(f"{stage.label}: skipped ({reason})")
+        return StageOutcome(stage.name, "skipped", reason)
+    if action == "rerun":
+        moved = _set_aside(stage.folders)
+        say(
+            f"{stage.label}: re-running from scratch ({reason}){'; previous output in ' + ', '.join(moved) if moved else ''}"
+        )
+    elif action == "resume":
+        say(f"{stage.label}: resumed ({reason})")
+    else:
+        say(f"{stage.label}: started")
+    records["stages"][stage.name] = _record(stage, inputs, fp, "running", action, 0.0, {})
+    _write_records(run_dir, records)
+    started = time.time()
+    try:
+        summary = stage.run()
+    except BaseException as exc:
+        say(f"{stage.label}: FAILED after {_minutes(time.time() - started)}: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        raise
+    elapsed = time.time() - started
+    records["stages"][stage.name] = _record(stage, inputs, fp, "done", action, elapsed, summary)
+    _write_records(run_dir, records)
+    say(f"{stage.label}: done in {_minutes(elapsed)}{' (' + _format_summary(summary) + ')' if summary else ''}")
+    return StageOutcome(
+        stage.name, {"start": "started", "resume": "resumed"}.get(action, action), reason, elapsed, summary
+    )
+
+
+def _record(stage: Stage, inputs: dict, fp: str, status: str, action: str, elapsed: float, summary: dict) -> dict:
+    return {
+        "status": status,
+        "fingerprint": fp,
+        "settings": stage.settings,
+        "inputs": inputs,
+        "output": output_fingerprint(stage.marker) if status == "done" else None,
+        "action": action,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S") if status == "done" else None,
+        "wall_time_s": round(elapsed, 1),
+        "summary": summary,
+    }
+
+
+def plan(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """What ``run_pipeline`` would do, without doing it: ``[(stage, action, reason)]``. A stage after one that
+    will run is reported as ``after upstream`` (its inputs are not known yet)."""
+    cfg = resolve_run(cfg)
+    run_dir = Path(cfg.run_dir)
+    selected, forced = selected_stages(cfg), _forced(cfg)
+    records = _read_records(run_dir)
+    out, pending = [], set()
+    for name in selected:
+        stage = build_stage(name, cfg, list(cfg.pipeline.evaluate_drafts))
+        if pending & set(stage.inputs) or (name == "evaluate" and pending & {"pt", "cp", "ft"}):
+            out.append((name, "run", "after upstream stages"))
+            pending.add(name)
+            continue
+        inputs = {u: output_fingerprint(build_stage(u, cfg, []).marker) for u in stage.inputs}
+        action, reason = decide(stage, records["stages"].get(name), inputs, name in forced)
+        out.append((name, action, reason))
+        if action not in ("skip", "adopt"):
+            pending.add(name)
+    return out

@@ -1,0 +1,357 @@
+"""The pipeline's stages: what each one's result depends on, where it writes, and how it runs (by calling the
+library functions the stage jobs call: ``prepare``, ``train_stage``, ``run_generation``, ``evaluate``).
+
+Stages, in order (the ``pipeline.stages`` entry that selects each in brackets):
+
+  prepare/pt, prepare/cp [prepare]   token shards     <run_dir>/data/<data.name>/manifest.json
+  pt, cp [pt, cp]                    trained drafts   <run_dir>/<stage>/DONE.json (+ export/)
+  generate [generate]                KD data          <run_dir>/kd/DONE.json
+  ft [ft]                            FT rows + draft  <run_dir>/data/<ft data.name>/, <run_dir>/ft/DONE.json
+  evaluate [evaluate]                all stage drafts <run_dir>/eval/DONE.json (+ results.*)
+
+A stage's result depends on its *settings* (the config sections it reads, minus knobs that only change how fast
+it runs) and on its *inputs* (the completion records of the stages it reads from). The driver (``run.py``)
+fingerprints both; a stage whose fingerprint is unchanged is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastdraft_ray.assets import sha256_file
+from fastdraft_ray.config import ConfigError, RunConfig, config_from_dict, stage_config, to_dict
+
+ORDER = ("prepare/pt", "prepare/cp", "pt", "cp", "generate", "ft", "evaluate")
+GROUPS = {
+    "prepare": ("prepare/pt", "prepare/cp"),
+    "pt": ("pt",),
+    "cp": ("cp",),
+    "generate": ("generate",),
+    "ft": ("ft",),
+    "evaluate": ("evaluate",),
+}
+LABELS = {
+    "prepare/pt": "prepare PT data",
+    "prepare/cp": "prepare CP data",
+    "pt": "PT",
+    "cp": "CP",
+    "generate": "generate KD data",
+    "ft": "FT",
+    "evaluate": "evaluate",
+}
+NOT_AVAILABLE = {
+    "search": "the architecture search stage (Ray Tune over draft depth x width) is not available yet; "
+    "remove 'search' from pipeline.stages",
+}
+UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
+# Knobs that change how fast or where a stage runs, not its result: changing them does not re-run the stage.
+RUNTIME_KEYS = {
+    "data": ("output", "num_tokenizer_actors", "tokenizer_actor_cpus", "tokenize_batch_size", "max_buffer_mb"),
+    "train": (
+        "max_failures",
+        "log_every",
+        "checkpoints_to_keep",
+        "checkpoint_every",
+        "eval_every",  # the final val/loss is computed at the last step whatever eval_every is
+        "worker_resources",
+    ),
+    "generate": ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend", "output"),  # as check_config
+    "evaluate": ("drafts",),
+}
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot run as configured; the message says what to change."""
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline, built when its turn comes (so its inputs are already final)."""
+
+    name: str
+    marker: Path  # the completion record the stage writes itself; its sha256 is the stage's output fingerprint
+    folders: tuple[Path, ...]  # what the stage writes (set aside before a re-run with other settings)
+    settings: dict
+    inputs: tuple[str, ...]  # upstream stage names
+    run: Callable[[], dict]  # does (or finishes) the work; returns a short summary
+    adopt: Callable[
+        [], str | None
+    ]  # for a finished stage with no pipeline record: None = same settings, else why not
+    unfinished: Callable[[], str | None]  # unfinished work a run would resume, described; None if none
+    conflict: Callable[[], str | None] = lambda: None  # unfinished work known to have other settings: why
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
+    def done(self) -> bool:
+        return self.marker.exists()
+
+
+def output_fingerprint(marker: Path) -> str | None:
+    """sha256 of a stage's completion record (None while unfinished)."""
+    return sha256_file(marker) if marker.exists() else None
+
+
+def _section(obj, section: str) -> dict:
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    return {k: v for k, v in data.items() if k not in RUNTIME_KEYS.get(section, ())}
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _differs(old: dict, new: dict) -> str | None:
+    keys = changed_keys(old, new)
+    return f"settings changed: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" if keys else None
+
+
+def _load_old_config(data: dict) -> RunConfig | str:
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        return f"its record's config no longer loads ({exc})"
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+
+def init_source(cfg: RunConfig, stage: str) -> str | None:
+    """The HF draft folder a training stage starts from: ``draft.init_from``, else the upstream stage's export
+    (CP from PT, FT from CP), else None (PT: a fresh draft derived from the target)."""
+    if cfg.draft.init_from:
+        return cfg.draft.init_from
+    upstream = UPSTREAM_DRAFT[stage]
+    return str(Path(cfg.run_dir).expanduser().resolve() / upstream / "export") if upstream else None
+
+
+def kd_topk(kd_dir: Path) -> int:
+    """k of the top-k log-probs stored in a KD folder (0 if it has none)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(kd_dir).glob("responses/*/part-*.parquet"))
+    if not files or "topk_ids" not in pq.read_schema(files[0]).names:
+        return 0
+    first = pq.read_table(files[0], columns=["topk_ids"]).column("topk_ids").to_pylist()
+    return next((len(r[0]) for r in first if r), 0)
+
+
+def build_ft_data(cfg: RunConfig, kd_dir: Path, data_dir: str | Path) -> dict:
+    """FT row shards from the KD folder (``cfg`` with the ``ft`` stage applied); returns their manifest."""
+    from fastdraft_ray.distill.ftdata import build_ft_rows
+    from fastdraft_ray.models.target import load_tokenizer
+
+    if not (Path(kd_dir) / "DONE.json").exists():
+        raise PipelineError(f"no finished KD data in {kd_dir}: run the generate stage (jobs/generate.py) first")
+    return build_ft_rows(
+        kd_dir,
+        data_dir,
+        load_tokenizer(cfg.model.target, cfg.model.trust_remote_code),
+        seq_len=cfg.data.seq_len,
+        topk=kd_topk(kd_dir) if cfg.train.kd_loss != "ce" else 0,
+        responses=cfg.train.ft_responses,
+        val_fraction=cfg.data.val_fraction,
+        rows_per_shard=cfg.data.rows_per_shard,
+        seed=cfg.data.seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def build_stage(name: str, cfg: RunConfig, evaluate_drafts: list[str] | None = None) -> Stage:
+    """The stage ``name`` of ``cfg`` (whose storage is an absolute local path)."""
+    if name.startswith("prepare/"):
+        return _prepare(cfg, name.split("/")[1])
+    if name in UPSTREAM_DRAFT:
+        return _training(cfg, name)
+    if name == "generate":
+        return _generate(cfg)
+    if name == "evaluate":
+        return _evaluate(cfg, evaluate_drafts or [])
+    raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+
+
+def _prepare(cfg: RunConfig, which: str) -> Stage:
+    from fastdraft_ray.data.prepare import default_output
+
+    scfg = stage_config(cfg, which)
+    out = Path(default_output(cfg.run_dir, scfg.data))
+    settings = {"target": cfg.model.target, "data": _section(scfg.data, "data")}
+
+    def run() -> dict:
+        from fastdraft_ray.data.prepare import prepare
+
+        m = prepare(scfg.data, cfg.model.target, str(out), trust_remote_code=cfg.model.trust_remote_code)
+        return {"rows": m["rows"], "tokens": m["tokens"], "output": str(out)}
+
+    def adopt() -> str | None:
+        manifest = json.loads((out / "manifest.json").read_text())
+        old = _load_old_config({"data": manifest.get("config", {})})
+        if isinstance(old, str):
+            return old
+        return _differs({"target": manifest.get("tokenizer"), "data": _section(old.data, "data")}, settings)
+
+    def unfinished() -> str | None:
+        return "an interrupted prepare" if (out / ".progress" / "state.json").exists() else None
+
+    return Stage(f"prepare/{which}", out / "manifest.json", (out,), settings, (), run, adopt, unfinished)
+
+
+def _training_settings(scfg: RunConfig) -> dict:
+    return {
+        "model": to_dict(scfg.model),
+        "draft": to_dict(scfg.draft),
+        "data": _section(scfg.data, "data"),
+        "train": _section(scfg.train, "train"),
+    }
+
+
+def _training(cfg: RunConfig, stage: str) -> Stage:
+    from fastdraft_ray.data.prepare import default_output
+    from fastdraft_ray.distill.generate import output_dir
+
+    scfg = stage_config(cfg, stage)
+    sdir = Path(cfg.run_dir) / stage
+    data_dir = Path(default_output(cfg.run_dir, scfg.data))
+    init_from = init_source(scfg, stage)
+    settings = _training_settings(scfg)
+    if stage == "ft":
+        inputs: tuple[str, ...] = ("generate",)
+        folders: tuple[Path, ...] = (sdir, data_dir)  # FT rows are built from the KD data: re-built with it
+    else:
+        inputs, folders = (f"prepare/{stage}",), (sdir,)
+    if scfg.draft.init_from:  # a draft from outside the pipeline: fingerprint its weights
+        weights = Path(init_from, "model.safetensors")
+        if not weights.exists():
+            raise PipelineError(f"draft.init_from={init_from}: no model.safetensors there (an HF draft folder?)")
+        settings["init_sha256"] = sha256_file(weights)
+    elif UPSTREAM_DRAFT[stage]:
+        inputs += (UPSTREAM_DRAFT[stage],)
+
+    def run() -> dict:
+        from fastdraft_ray.train.run import _resume_position, train_stage
+
+        if init_from and not Path(init_from, "config.json").exists():
+            raise PipelineError(f"{stage.upper()} starts from {init_from}, which is not an HF draft folder")
+        rows = None
+        if stage == "ft":
+            rows = build_ft_data(scfg, output_dir(cfg), data_dir)["rows"]
+        resume = _resume_position(sdir)
+        record = train_stage(scfg, str(data_dir), init_from=init_from)
+        metrics = record["metrics"]
+        return {
+            "resumed_from_step": resume.step if resume else 0,
+            "total_steps": record["geometry"]["total_steps"],
+            "tokens": record["geometry"]["tokens"],
+            "train/loss": metrics.get("train/loss"),
+            "val/loss": metrics.get("val/loss"),
+            **({"ft_rows": rows} if rows is not None else {}),
+        }
+
+    def adopt() -> str | None:
+        record = json.loads((sdir / "DONE.json").read_text())
+        old = _load_old_config(record.get("config", {}))
+        if isinstance(old, str):
+            return old
+        inputs_now = record.get("inputs", {})
+        manifest = data_dir / "manifest.json"
+        if not manifest.exists() or inputs_now.get("manifest_sha256") != sha256_file(manifest):
+            return f"its training data changed ({data_dir})"
+        if init_from and inputs_now.get("init_sha256") != output_fingerprint(Path(init_from, "model.safetensors")):
+            return f"the draft it started from changed ({init_from})"
+        return _differs(_training_settings(old), {k: v for k, v in settings.items() if k != "init_sha256"})
+
+    def unfinished() -> str | None:
+        from fastdraft_ray.train.run import _resume_position  # the checkpoint train_stage would resume
+
+        resume = _resume_position(sdir)
+        return f"checkpoint at step {resume.step}" if resume else None
+
+    return Stage(stage, sdir / "DONE.json", folders, settings, inputs, run, adopt, unfinished)
+
+
+def _generate(cfg: RunConfig) -> Stage:
+    from fastdraft_ray.distill.generate import output_dir
+
+    g, out = cfg.generate, output_dir(cfg)
+    settings = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": _section(g, "generate")}
+    inputs: tuple[str, ...] = ()
+    if g.onpolicy_fraction > 0:  # on-policy rows are written by a draft
+        if g.onpolicy_draft:
+            weights = Path(g.onpolicy_draft, "model.safetensors")
+            if not weights.exists():
+                raise PipelineError(f"generate.onpolicy_draft={g.onpolicy_draft}: no model.safetensors there")
+            settings["onpolicy_draft_sha256"] = sha256_file(weights)
+        else:
+            inputs = ("cp",)
+
+    def run() -> dict:
+        from fastdraft_ray.distill.generate import run_generation
+
+        record = run_generation(cfg)
+        if not record.get("done"):
+            raise PipelineError(f"KD generation into {out} stopped before every unit was written")
+        return {"rows": record["rows"], "tokens": record["tokens"], "output": str(out)}
+
+    def adopt() -> str | None:
+        have = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        have = {**have, "generate": _section(have.get("generate", {}), "generate")}
+        return _differs(have, {k: v for k, v in settings.items() if k != "onpolicy_draft_sha256"})
+
+    def unfinished() -> str | None:
+        parts = list(out.glob("responses/*/part-*.parquet")) + list(out.glob("magpie/part-*.parquet"))
+        return f"{len(parts)} finished work units" if parts else None
+
+    return Stage("generate", out / "DONE.json", (out,), settings, inputs, run, adopt, unfinished, adopt)
+
+
+def finished_drafts(cfg: RunConfig, stages: list[str]) -> dict[str, str]:
+    """``{stage: export folder}`` for the training stages in ``stages`` that finished (DONE.json + export)."""
+    root = Path(cfg.run_dir)
+    return {
+        s: str(root / s / "export")
+        for s in stages
+        if (root / s / "DONE.json").exists() and (root / s / "export" / "config.json").exists()
+    }
+
+
+def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:
+    drafts = finished_drafts(cfg, stages)
+    out = Path(cfg.run_dir) / "eval"
+    settings = {
+        "model": to_dict(cfg.model),
+        "evaluate": _section(cfg.evaluate, "evaluate"),
+        "drafts": list(drafts),
+    }
+
+    def run() -> dict:
+        from fastdraft_ray.evaluate.report import write_report
+        from fastdraft_ray.evaluate.run import evaluate
+
+        if not drafts:
+            raise PipelineError(f"no finished draft to evaluate among {stages} (pipeline.evaluate_drafts)")
+        run_cfg = dataclasses.replace(
+            cfg, evaluate=dataclasses.replace(cfg.evaluate, drafts=list(drafts.values()))
+        )
+        results = evaluate(cfg.model, list(drafts.values()), run_cfg.evaluate)
+        write_report(results, cfg.run_dir, to_dict(run_cfg))
+        return {"drafts": list(drafts), "wall_time_s": round(results.wall_time_s, 1)}
+
+    def adopt() -> str | None:
+        return "evaluated outside the pipeline (its drafts may have changed since)"
+
+    return Stage("evaluate", out / "DONE.json", (out,), settings, tuple(drafts), run, adopt, lambda: None)

@@ -1,0 +1,46 @@
+"""The whole run in one Ray job: prepare shards -> PT -> CP -> generate KD data -> FT -> evaluate -> report.
+
+    python jobs/pipeline.py --config cpu_quick [key.sub=value ...]
+    ray job submit --working-dir . -- python jobs/pipeline.py --config cpu_default storage=$PWD/runs
+    python jobs/pipeline.py --config cpu_default --dry-run            # what each stage would do, nothing run
+
+Every stage writes into <storage>/<run_name>/ and is skipped when it finished with the same settings and inputs,
+resumed when it has unfinished work (checkpoints, shards, KD units), re-run when its settings or inputs changed.
+``pipeline.stages`` chooses stages, ``pipeline.force`` re-runs some. Report: <run_dir>/report/report.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from the working dir, installed or not
+
+from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging  # noqa: E402
+from fastdraft_ray.pipeline.run import local_ray_resources, plan, run_pipeline  # noqa: E402
+from fastdraft_ray.pipeline.stages import PipelineError  # noqa: E402
+
+
+def _arguments(parser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="print what each stage would do, run nothing")
+
+
+def main() -> None:
+    cfg, args = parse_job_args(__doc__, add_arguments=_arguments)
+    setup_logging()
+    try:
+        if args.dry_run:
+            for stage, action, reason in plan(cfg):
+                print(f"{stage:<12} {action:<7} {reason}")
+            return
+        init_ray(**local_ray_resources(cfg))  # RAY_ADDRESS (set by `ray job submit`) or a local Ray
+        result = run_pipeline(cfg)
+    except PipelineError as exc:
+        raise SystemExit(f"pipeline error: {exc}") from exc
+    print(f"run directory: {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report} (+ results.csv, acceptance.png, loss_curve.png)")
+
+
+if __name__ == "__main__":
+    main()
