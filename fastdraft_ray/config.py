@@ -331,15 +331,36 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["train.lr=3e-4", "draft.num_layers=2"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["train.lr=3e-4", "draft.num_layers=2"]`` -> nested dict; values are parsed as YAML scalars.
+    ``stages.<stage>.<dotted key>=value`` keeps the stage's key dotted, as stage sections are written."""
     tree: dict = {}
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        key, value = _split_override(item)
+        parts = key.split(".", 2)
+        if parts[0] == "stages" and len(parts) == 3:
+            tree.setdefault("stages", {}).setdefault(parts[1], {})[parts[2]] = value
+        else:
+            _set_dotted(tree, key, value)
     return tree
+
+
+def _drop_stage_keys(data: dict, overrides: list[str]) -> dict:
+    """A command-line key wins over the recipe's per-stage value of the same key (``train.token_budget=...``
+    applies to every stage)."""
+    keys = [key for key, _ in map(_split_override, overrides) if key.split(".")[0] != "stages"]
+    for stage_keys in (data.get("stages") or {}).values():
+        if isinstance(stage_keys, dict):
+            for name in [k for k in stage_keys if any(k == c or k.startswith(c + ".") for c in keys)]:
+                del stage_keys[name]
+    return data
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -379,10 +400,11 @@ def _read_recipe(recipe: str, seen: tuple[str, ...] = ()) -> dict:
 def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe (shipped name or YAML path), apply ``key.sub=value`` overrides, validate strictly.
 
-    A recipe may start with ``extends: <recipe>`` to change only some keys of another one.
+    A recipe may start with ``extends: <recipe>`` to change only some keys of another one. An override wins over
+    the recipe everywhere, per-stage values of the same key included.
     """
     data = _read_recipe(recipe) if recipe else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _drop_stage_keys(_merge(data, parse_overrides(overrides or [])), overrides or [])
     return _validate_stages(_build(RunConfig, data))
 
 
@@ -428,3 +450,35 @@ def describe(cls: type = RunConfig, prefix: str = "") -> str:
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('doc', '')}")
     return "\n".join(lines)
+
+
+# Keys that change how fast a stage runs, not what it produces: a finished stage is reused across them.
+RUNTIME_KEYS = {
+    "data": ("output", "num_tokenizer_actors", "tokenizer_actor_cpus", "tokenize_batch_size", "max_buffer_mb"),
+    "train": (
+        "max_failures",
+        "log_every",
+        "checkpoints_to_keep",
+        "checkpoint_every",
+        "eval_every",  # the final val/loss is computed at the last step whatever eval_every is
+        "worker_resources",
+    ),
+    "generate": ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend", "output"),  # as check_config
+    "evaluate": ("drafts",),
+}
+
+
+def section_settings(obj, section: str) -> dict:
+    """A config section (dataclass or dict) as a dict without its speed-only keys (``RUNTIME_KEYS``)."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+    return {k: v for k, v in data.items() if k not in RUNTIME_KEYS.get(section, ())}
+
+
+def training_settings(cfg: RunConfig) -> dict:
+    """What a training stage's result depends on: model, draft, data and train settings (speed-only keys out)."""
+    return {
+        "model": to_dict(cfg.model),
+        "draft": to_dict(cfg.draft),
+        "data": section_settings(cfg.data, "data"),
+        "train": section_settings(cfg.train, "train"),
+    }

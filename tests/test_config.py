@@ -104,3 +104,14 @@ def test_recipes_can_extend_another_and_cycles_are_refused(tmp_path):
     loop.write_text(f"extends: {loop}\n")
     with pytest.raises(ConfigError, match="extends itself"):
         load_config(str(loop))
+
+
+def test_command_line_keys_win_over_stage_sections_and_stage_keys_stay_dotted():
+    from fastdraft_ray.config import load_config, stage_config
+
+    cfg = load_config("cpu_default", ["train.token_budget=5000", "stages.cp.train.lr=0.002"])
+    assert {stage_config(cfg, s).train.token_budget for s in ("pt", "cp", "ft")} == {5000}
+    assert stage_config(cfg, "cp").train.lr == 0.002
+    assert stage_config(cfg, "pt").train.lr != 0.002
+    plain = load_config("cpu_default")
+    assert stage_config(plain, "pt").train.token_budget != stage_config(plain, "cp").train.token_budget

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastdraft_ray.assets import sha256_file
-from fastdraft_ray.config import ConfigError, RunConfig, config_from_dict, stage_config, to_dict
+from fastdraft_ray.config import (
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    section_settings,
+    stage_config,
+    to_dict,
+    training_settings,
+)
 
 ORDER = ("prepare/pt", "prepare/cp", "pt", "cp", "generate", "ft", "evaluate")
 GROUPS = {
@@ -49,19 +57,6 @@ NOT_AVAILABLE = {
 }
 UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
 # Knobs that change how fast or where a stage runs, not its result: changing them does not re-run the stage.
-RUNTIME_KEYS = {
-    "data": ("output", "num_tokenizer_actors", "tokenizer_actor_cpus", "tokenize_batch_size", "max_buffer_mb"),
-    "train": (
-        "max_failures",
-        "log_every",
-        "checkpoints_to_keep",
-        "checkpoint_every",
-        "eval_every",  # the final val/loss is computed at the last step whatever eval_every is
-        "worker_resources",
-    ),
-    "generate": ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend", "output"),  # as check_config
-    "evaluate": ("drafts",),
-}
 
 
 class PipelineError(RuntimeError):
@@ -95,11 +90,6 @@ class Stage:
 def output_fingerprint(marker: Path) -> str | None:
     """sha256 of a stage's completion record (None while unfinished)."""
     return sha256_file(marker) if marker.exists() else None
-
-
-def _section(obj, section: str) -> dict:
-    data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    return {k: v for k, v in data.items() if k not in RUNTIME_KEYS.get(section, ())}
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -190,7 +180,7 @@ def _prepare(cfg: RunConfig, which: str) -> Stage:
 
     scfg = stage_config(cfg, which)
     out = Path(default_output(cfg.run_dir, scfg.data))
-    settings = {"target": cfg.model.target, "data": _section(scfg.data, "data")}
+    settings = {"target": cfg.model.target, "data": section_settings(scfg.data, "data")}
 
     def run() -> dict:
         from fastdraft_ray.data.prepare import prepare
@@ -203,21 +193,14 @@ def _prepare(cfg: RunConfig, which: str) -> Stage:
         old = _load_old_config({"data": manifest.get("config", {})})
         if isinstance(old, str):
             return old
-        return _differs({"target": manifest.get("tokenizer"), "data": _section(old.data, "data")}, settings)
+        return _differs(
+            {"target": manifest.get("tokenizer"), "data": section_settings(old.data, "data")}, settings
+        )
 
     def unfinished() -> str | None:
         return "an interrupted prepare" if (out / ".progress" / "state.json").exists() else None
 
     return Stage(f"prepare/{which}", out / "manifest.json", (out,), settings, (), run, adopt, unfinished)
-
-
-def _training_settings(scfg: RunConfig) -> dict:
-    return {
-        "model": to_dict(scfg.model),
-        "draft": to_dict(scfg.draft),
-        "data": _section(scfg.data, "data"),
-        "train": _section(scfg.train, "train"),
-    }
 
 
 def _training(cfg: RunConfig, stage: str) -> Stage:
@@ -228,7 +211,7 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
     sdir = Path(cfg.run_dir) / stage
     data_dir = Path(default_output(cfg.run_dir, scfg.data))
     init_from = init_source(scfg, stage)
-    settings = _training_settings(scfg)
+    settings = training_settings(scfg)
     if stage == "ft":
         inputs: tuple[str, ...] = ("generate",)
         folders: tuple[Path, ...] = (sdir, data_dir)  # FT rows are built from the KD data: re-built with it
@@ -273,7 +256,7 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
             return f"its training data changed ({data_dir})"
         if init_from and inputs_now.get("init_sha256") != output_fingerprint(Path(init_from, "model.safetensors")):
             return f"the draft it started from changed ({init_from})"
-        return _differs(_training_settings(old), {k: v for k, v in settings.items() if k != "init_sha256"})
+        return _differs(training_settings(old), {k: v for k, v in settings.items() if k != "init_sha256"})
 
     def unfinished() -> str | None:
         from fastdraft_ray.train.run import _resume_position  # the checkpoint train_stage would resume
@@ -288,7 +271,7 @@ def _generate(cfg: RunConfig) -> Stage:
     from fastdraft_ray.distill.generate import output_dir
 
     g, out = cfg.generate, output_dir(cfg)
-    settings = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": _section(g, "generate")}
+    settings = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": section_settings(g, "generate")}
     inputs: tuple[str, ...] = ()
     if g.onpolicy_fraction > 0:  # on-policy rows are written by a draft
         if g.onpolicy_draft:
@@ -309,7 +292,7 @@ def _generate(cfg: RunConfig) -> Stage:
 
     def adopt() -> str | None:
         have = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-        have = {**have, "generate": _section(have.get("generate", {}), "generate")}
+        have = {**have, "generate": section_settings(have.get("generate", {}), "generate")}
         return _differs(have, {k: v for k, v in settings.items() if k != "onpolicy_draft_sha256"})
 
     def unfinished() -> str | None:
@@ -334,7 +317,7 @@ def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:
     out = Path(cfg.run_dir) / "eval"
     settings = {
         "model": to_dict(cfg.model),
-        "evaluate": _section(cfg.evaluate, "evaluate"),
+        "evaluate": section_settings(cfg.evaluate, "evaluate"),
         "drafts": list(drafts),
     }
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fastdraft_ray.assets import sha256_file
-from fastdraft_ray.config import RunConfig, to_dict
+from fastdraft_ray.config import ConfigError, RunConfig, config_from_dict, to_dict, training_settings
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,14 @@ def completed_record(cfg: RunConfig) -> dict | None:
     if not done.exists():
         return None
     record = json.loads(done.read_text())
-    if record.get("config") != to_dict(cfg):
+    try:
+        same = training_settings(config_from_dict(record.get("config", {}))) == training_settings(cfg)
+    except ConfigError:  # written by a version with other config keys
+        same = False
+    if not same:
         raise ValueError(
-            f"{done} records a finished run with a different config; choose another run_name "
-            "(or delete that stage folder to retrain it)"
+            f"{done} records a finished run with different model/draft/data/train settings; choose another "
+            "run_name (or delete that stage folder to retrain it)"
         )
     return record
 

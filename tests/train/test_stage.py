@@ -3,6 +3,7 @@ DONE.json, and refusal of shards made with another tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -59,9 +60,14 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, total + 1))
 
-    # the finished stage is recognised by the job (DONE.json with the same config) and skipped
+    # the finished stage is recognised by the job (same training settings) and skipped, whatever the
+    # evaluation settings or speed-only knobs say; other training settings are refused
     assert completed_record(cfg)["metrics"] == record["metrics"]
-    with pytest.raises(ValueError, match="different config"):
+    other_sections = dataclasses.replace(
+        cfg, evaluate=dataclasses.replace(cfg.evaluate, gamma=5), train=dataclasses.replace(cfg.train, log_every=7)
+    )
+    assert completed_record(other_sections)["metrics"] == record["metrics"]
+    with pytest.raises(ValueError, match="different model/draft/data/train settings"):
         completed_record(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=2048))
 
 
