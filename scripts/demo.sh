@@ -10,6 +10,9 @@ bash scripts/setup_env.sh
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export RAY_AUTH_MODE=token  # Ray 2.60 heads require the token in ~/.ray/auth_token
+# DeepSpeed's JIT ops are built once per venv, not in the ~/.cache/torch_extensions every venv shares (where each
+# venv's build replaces the other's, minutes each time). A head started below inherits it; the job passes it too.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(pwd)/.venv/torch_extensions}
 DASHBOARD=${RAY_DASHBOARD:-http://127.0.0.1:8265}
 # Any HTTP answer (401 included: token auth is on) means a head is serving there.
 dashboard_up() { curl -s -o /dev/null -m 3 "$DASHBOARD/api/version"; }
@@ -36,7 +39,8 @@ submit_pipeline() {  # submit the pipeline job and follow it; fail the script if
   local out job_id status
   # A fresh head needs a few seconds before its job agent accepts submissions: retry only that error.
   for attempt in $(seq 1 30); do
-    if out=$(ray job submit --address "$DASHBOARD" --working-dir . --no-wait -- \
+    if out=$(ray job submit --address "$DASHBOARD" --working-dir . --no-wait \
+        --runtime-env-json "{\"env_vars\": {\"TORCH_EXTENSIONS_DIR\": \"$TORCH_EXTENSIONS_DIR\"}}" -- \
         python jobs/pipeline.py --config "$RECIPE" storage="$STORAGE" "${OVERRIDES[@]}" 2>&1); then break; fi
     if ! grep -q "No available agent" <<<"$out" || [ "$attempt" = 30 ]; then echo "$out" >&2; exit 1; fi
     sleep 2

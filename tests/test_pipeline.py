@@ -5,83 +5,20 @@ DONE.json resumes from its checkpoint. Tests share one run directory and run in 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import load_config
 from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT
 from fastdraft_ray.pipeline.run import plan, run_pipeline, selected_stages
 from fastdraft_ray.pipeline.stages import ORDER, PipelineError
-from tests.distill.conftest import write_alpaca
+from tests.tiny_pipeline import tiny_recipe
 from tests.train.conftest import save_tiny_target
 
 TRAINED = ("pt", "cp", "ft")
-
-
-def _documents(path: Path, n: int, seed: int, words: int = 24) -> Path:
-    """JSON-lines documents of the tiny target's words (w3..w95)."""
-    rng = random.Random(seed)
-    with open(path, "w") as fh:
-        for i in range(n):
-            start = rng.randrange(3, 96)
-            text = " ".join(f"w{3 + (start + j * (1 + seed)) % 93}" for j in range(words))
-            fh.write(json.dumps({"text": f"w{3 + i % 93} {text}"}) + "\n")
-    return path
-
-
-def _recipe(root: Path, ft_lr: float = 0.01) -> Path:
-    """A recipe for the tiny target: 2x32 draft, 16-token rows, 4 PT/CP steps, 2 FT steps, 1 prompt per task."""
-    text, code = _documents(root / "text.jsonl", 80, 0), _documents(root / "code.jsonl", 80, 1)
-    prompts = write_alpaca(root / "alpaca.json", 12)
-    recipe = {
-        "run_name": "tiny",
-        "storage": str(root / "runs"),
-        "model": {"target": str(root / "target")},
-        "draft": {"num_layers": 2, "hidden_size": 32, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64},
-        "data": {"seq_len": 16, "token_budget": 1200, "val_fraction": 0.1, "rows_per_shard": 32},
-        "train": {
-            "micro_batch_size": 2,
-            "warmup_steps": 1,
-            "lr": 0.01,
-            "token_budget": 256,  # 2 workers x 2 rows x 16 tokens = 64 per step: 4 steps
-            "checkpoint_every": 2,
-            "log_every": 1,
-            "val_rows": 4,
-        },
-        "generate": {
-            "prompt_sources": {"a": f"alpaca:{prompts}"},
-            "num_prompts": 8,
-            "temperatures": [0.0],
-            "max_new_tokens": 6,
-            "batch_size": 8,
-            "shard_prompts": 8,
-            "min_prompt_chars": 2,
-        },
-        "evaluate": {
-            "prompts_per_task": 1,
-            "max_new_tokens": 6,
-            "modes": ["sampling"],
-            "cpus_per_worker": 1,
-            "max_article_tokens": 48,
-        },
-        "stages": {
-            "pt": {"data.name": "pt", "data.sources": {"text": str(text)}},
-            "cp": {
-                "data.name": "cp",
-                "data.sources": {"code": str(code), "text": str(text)},
-                "data.weights": {"code": 2, "text": 1},
-            },
-            "ft": {"data.name": "ft", "data.val_fraction": 0.25, "train.token_budget": 128, "train.lr": ft_lr},
-        },
-    }
-    path = root / f"tiny_lr{ft_lr}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def _run(recipe: Path):
@@ -104,7 +41,7 @@ def ray_3cpu():
 def first_run(tmp_path_factory, ray_3cpu):
     root = tmp_path_factory.mktemp("pipeline")
     save_tiny_target(root / "target")
-    recipe = _recipe(root)
+    recipe = tiny_recipe(root)
     result, lines = _run(recipe)
     return SimpleNamespace(root=root, recipe=recipe, run_dir=root / "runs" / "tiny", result=result, lines=lines)
 
@@ -122,6 +59,7 @@ def test_full_run_trains_every_stage_and_writes_the_report(first_run):
     assert done["ft"]["inputs"]["init_sha256"] == sha256_file(run_dir / "cp" / "export" / "model.safetensors")
     assert done["ft"]["inputs"]["data_dir"] == str(run_dir / "data" / "ft")
     assert result.outcome("ft").summary["resumed_from_step"] == 0
+    assert all(done[s]["resumed_from"] is None for s in TRAINED)
 
     report = run_dir / "report"
     assert result.report == str(report / "report.md")
@@ -152,7 +90,7 @@ def test_second_run_skips_every_stage(first_run):
 
 
 def test_changed_ft_setting_reruns_ft_and_evaluation_only(first_run):
-    result, lines = _run(_recipe(first_run.root, ft_lr=0.005))
+    result, lines = _run(tiny_recipe(first_run.root, ft_lr=0.005))
     actions = result.actions()
     assert {s: actions[s] for s in ("prepare/pt", "prepare/cp", "pt", "cp", "generate")} == dict.fromkeys(
         ("prepare/pt", "prepare/cp", "pt", "cp", "generate"), "skipped"
@@ -166,13 +104,15 @@ def test_changed_ft_setting_reruns_ft_and_evaluation_only(first_run):
 
 
 def test_stage_with_checkpoints_but_no_done_record_resumes(first_run):
-    recipe = _recipe(first_run.root, ft_lr=0.005)
+    recipe = tiny_recipe(first_run.root, ft_lr=0.005)
     _run(recipe)  # at this recipe's state (a no-op when the previous test ran)
     (first_run.run_dir / "ft" / "DONE.json").unlink()
     result, lines = _run(recipe)
     ft = result.outcome("ft")
     assert ft.action == "resumed" and "checkpoint at step 2" in ft.reason
     assert ft.summary["resumed_from_step"] == ft.summary["total_steps"] == 2  # not restarted from step 0
+    done = json.loads((first_run.run_dir / "ft" / "DONE.json").read_text())
+    assert done["resumed_from"] == {"step": 2, "rows_consumed": 8, "tokens": 128}  # 2 x (2 workers x 2 rows x 16)
     assert result.actions()["cp"] == "skipped" and result.actions()["evaluate"] == "rerun"
     assert "FT: resumed (checkpoint at step 2, no completion record)" in lines
 

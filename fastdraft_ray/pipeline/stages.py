@@ -226,18 +226,17 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         inputs += (UPSTREAM_DRAFT[stage],)
 
     def run() -> dict:
-        from fastdraft_ray.train.run import _resume_position, train_stage
+        from fastdraft_ray.train.run import train_stage
 
         if init_from and not Path(init_from, "config.json").exists():
             raise PipelineError(f"{stage.upper()} starts from {init_from}, which is not an HF draft folder")
         rows = None
         if stage == "ft":
             rows = build_ft_data(scfg, output_dir(cfg), data_dir)["rows"]
-        resume = _resume_position(sdir)
         record = train_stage(scfg, str(data_dir), init_from=init_from)
         metrics = record["metrics"]
         return {
-            "resumed_from_step": resume.step if resume else 0,
+            "resumed_from_step": (record["resumed_from"] or {}).get("step", 0),
             "total_steps": record["geometry"]["total_steps"],
             "tokens": record["geometry"]["tokens"],
             "train/loss": metrics.get("train/loss"),
@@ -259,9 +258,9 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         return _differs(training_settings(old), {k: v for k, v in settings.items() if k != "init_sha256"})
 
     def unfinished() -> str | None:
-        from fastdraft_ray.train.run import _resume_position  # the checkpoint train_stage would resume
+        from fastdraft_ray.train.run import resume_position  # the checkpoint train_stage would resume
 
-        resume = _resume_position(sdir)
+        resume = resume_position(sdir)
         return f"checkpoint at step {resume.step}" if resume else None
 
     return Stage(stage, sdir / "DONE.json", folders, settings, inputs, run, adopt, unfinished)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from fastdraft_ray.train.position import Geometry
+from fastdraft_ray.train.position import DataPosition, Geometry
 from tests.train.audit import effective_lineage, expected_rows, read_trace
 from tests.train.conftest import tiny_run_config
 from tests.train.shards import write_shards
@@ -19,7 +19,7 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     from transformers import AutoModelForCausalLM
 
     from fastdraft_ray.models.draft import check_compatible
-    from fastdraft_ray.train.run import completed_record, train_stage
+    from fastdraft_ray.train.run import completed_record, resume_position, train_stage
 
     # 24 steps x 4 rows = 96 rows: all 64 rows of epoch 0, then the first 32 of epoch 1
     cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=1536)
@@ -35,12 +35,16 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     assert first > 4.0 and last < first - 0.5, (first, last)  # log(96) = 4.56 at init
     assert record["metrics"]["val/loss"] < first - 0.5
     assert record["geometry"]["tokens"] == 1536 and record["metrics"]["train/tokens_seen"] == 1536
+    assert record["resumed_from"] is None  # a fresh run folder: trained from step 0
 
     sdir = tmp_path / "runs" / "t" / "pt"
     assert (
         json.loads((sdir / "DONE.json").read_text())["inputs"]["tokenizer_hash"]
         == record["inputs"]["tokenizer_hash"]
     )
+    # what a re-run would resume: the last checkpoint, after every step (nothing left to train)
+    assert resume_position(sdir) == DataPosition(total, total * geo.rows_per_step, 64)
+    assert resume_position(tmp_path / "runs" / "t" / "cp") is None
     draft = AutoModelForCausalLM.from_pretrained(sdir / "export")
     check_compatible(AutoModelForCausalLM.from_pretrained(tiny_target).config, draft)
     with torch.no_grad():
