@@ -15,9 +15,11 @@ like. Per (draft, mode, task) it reports, with the definitions of DESIGN.md:
 
 Target and drafts run at ``evaluate.precision`` (fp32 | bf16 | fp16 | int8, ``specdec.precision``): the
 baseline is the target alone AT THE SAME PRECISION. ``evaluate.gamma_policy`` picks the draft length per step
-(``specdec.policy``); each worker measures c and the target's verify-cost curve first, which the ``cost`` policy
-uses; a fresh policy is built per generation, so prompts stay independent. Adaptive policies vary gamma, so
-MBSU and the hardware-aware speedups use the mean gamma per step (``mean_gamma``) there.
+(``specdec.policy``); each worker measures c, the draft's catch-up cost and the target's verify-cost curve
+first, which the ``cost`` policy uses, with ``evaluate.prior_alpha`` as the drafts' known per-token acceptance
+(the ``alpha_per_token`` an earlier evaluation reports; < 0 = unknown); a fresh policy is built per generation,
+so prompts stay independent. Adaptive policies vary gamma, so MBSU and the hardware-aware speedups use the mean
+gamma per step (``mean_gamma``) there.
 
 ``num_workers == 1`` runs in this process (CPU); more, or ``use_gpu``, spreads the prompts round-robin over Ray actors that each load
 the models once. Every prompt's sampling generator is seeded from ``(seed, prompt id)`` alone, so alpha, tau
@@ -150,8 +152,10 @@ class Evaluator:
         curve, target_step = S.measure_verify_cost(self.target, ids, max_k)
         out = {}
         for name, draft in self.drafts.items():
+            draft_step, catchup = S.measure_catchup(draft, ids)
             out[name] = {
-                "draft_step_s": S.measure_step_latency(draft, ids, 1),
+                "draft_step_s": draft_step,
+                "draft_catchup_s": catchup,  # each further token in one draft forward (cost policy probes)
                 "target_step_s": target_step,
                 "verify_step_s": curve[gamma] * target_step,
                 "verify_cost": list(curve),
@@ -163,13 +167,18 @@ class Evaluator:
         s, cost = self.s, None
         if s.get("gamma_policy", "constant") == "cost":
             lat = self._latencies[name]
-            cost = CostModel(lat["draft_step_s"] / lat["target_step_s"], tuple(lat["verify_cost"]))
+            target_step = lat["target_step_s"]
+            cost = CostModel(
+                lat["draft_step_s"] / target_step, tuple(lat["verify_cost"]), lat["draft_catchup_s"] / target_step
+            )
+        prior = s.get("prior_alpha", -1.0)
         return make_policy(
             s.get("gamma_policy", "constant"),
             s["gamma"],
             confidence_threshold=s.get("confidence_threshold", 0.4),
             max_gamma=s.get("max_gamma", 8),
             cost=cost,
+            prior_alpha=prior if prior >= 0 else None,
         )
 
     def run(self, prompts: list[EvalPrompt]) -> tuple[list[dict], dict]:
@@ -219,6 +228,9 @@ class Evaluator:
                         "draft_forwards": st.draft_forwards,
                         "target_forwards": st.target_forwards,
                         "plain_steps": st.proposed_per_step.count(0),
+                        "rejected_steps": sum(
+                            n < g for n, g in zip(st.accepted_per_step, st.proposed_per_step, strict=True)
+                        ),
                         "base_new_tokens": base.stats.new_tokens,
                         "base_wall_time_s": base.stats.wall_time_s,
                         "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
@@ -279,6 +291,7 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         )
     }
     alpha = S.acceptance_rate(tot["accepted"], tot["proposed"])
+    rejected = sum(r.get("rejected_steps", 0) for r in recs)
     tau = S.block_efficiency(tot["new_tokens"], tot["steps"])
     mean_gamma = tot["proposed"] / tot["steps"] if tot["steps"] else 0.0
     g_cost = mean_gamma if adaptive else gamma  # gamma the cost formulas charge
@@ -302,6 +315,8 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         "mbsu": S.mbsu(tau, g_cost, info.c_params),
         "mean_gamma": mean_gamma,
         "plain_steps": sum(r.get("plain_steps", 0) for r in recs),
+        # per-token acceptance probability (DecodeStats.per_token_alpha): evaluate.prior_alpha for the cost policy
+        "alpha_per_token": tot["accepted"] / judged if (judged := tot["accepted"] + rejected) else 0.0,
         "hw_speedup": hw,
         "hw_speedup_verify": hw_verify,
         "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,
@@ -413,6 +428,8 @@ def evaluate(
         raise EvaluationError("evaluate.num_workers, gamma, max_gamma and max_new_tokens must all be >= 1")
     if cfg.gamma_policy not in POLICIES:
         raise EvaluationError(f"evaluate.gamma_policy={cfg.gamma_policy!r}: choose from {', '.join(POLICIES)}")
+    if cfg.prior_alpha > 1.0:
+        raise EvaluationError(f"evaluate.prior_alpha must be in [0, 1] (or < 0: unknown), got {cfg.prior_alpha}")
     if not 0.0 <= cfg.confidence_threshold < 1.0:
         raise EvaluationError(f"evaluate.confidence_threshold must be in [0, 1), got {cfg.confidence_threshold}")
     try:
@@ -447,6 +464,7 @@ def evaluate(
         "gamma_policy": cfg.gamma_policy,
         "confidence_threshold": cfg.confidence_threshold,
         "max_gamma": cfg.max_gamma,
+        "prior_alpha": cfg.prior_alpha,
     }
     log.info(
         "evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)",

@@ -10,7 +10,10 @@ Both models keep a ``transformers.DynamicCache`` for the whole generation; a rej
 recomputing. Invariant at the start of every step, with ``seq`` the prompt plus the tokens emitted so far:
 the target cache holds ``seq[:-1]``, so the verify forward is ``[seq[-1], d_1..d_g]`` and its g+1 logits give
 p(. | seq), p(. | seq, d_1), ..., p(. | seq, d_1..d_g); the draft cache holds ``seq`` minus its ``pending``
-tail (one token, or two after a full accept because the draft never ran its own last proposal ``d_g``).
+tail (one token, or two after a full accept because the draft never ran its own last proposal ``d_g``), which
+the draft feeds in the first forward of its next drafting step. The draft is prefilled lazily: ``pending``
+starts as the whole prompt, and a step with gamma = 0 (a policy turning speculation off) runs no draft forward
+and just appends its token to ``pending``, so such a step costs what a plain target decode step costs.
 
 Greedy exactness holds up to floating point: the target scores a token inside a (g+1)-token chunk while plain
 decoding scores it alone, and fp32 matmuls of different shapes round differently (~1e-6 relative). The two
@@ -65,6 +68,15 @@ class DecodeStats:
     def acceptance_rate(self) -> float:
         """alpha = accepted / proposed (0.0 when nothing was proposed)."""
         return S.acceptance_rate(self.accepted, self.proposed)
+
+    @property
+    def per_token_alpha(self) -> float:
+        """Per-token acceptance probability (maximum likelihood for i.i.d. acceptance): accepted draft tokens /
+        (accepted + steps that stopped on a rejection). What ``CostPolicy(prior_alpha=...)`` expects; unlike
+        ``acceptance_rate`` it does not count the proposals after a rejection, which are never judged."""
+        rejected = sum(n < g for n, g in zip(self.accepted_per_step, self.proposed_per_step, strict=True))
+        judged = self.accepted + rejected
+        return self.accepted / judged if judged else 0.0
 
     @property
     def block_efficiency(self) -> float:
@@ -204,12 +216,12 @@ def speculative_generate(
 
     if len(prompt) > 1:  # prefill everything but the last prompt token: it opens the first verify forward
         t_run(prompt[:-1])
-        d_run(prompt[:-1])
-    last, pending = prompt[-1], [prompt[-1]]  # pending: tokens the draft cache has not seen yet
+    # pending: tokens the draft cache has not seen yet; the draft prefills when (if ever) it first drafts
+    last, pending = prompt[-1], list(prompt)
 
     confident = policy.needs_confidence
     while len(out) < max_new_tokens:
-        g_max = min(policy.gamma(), max_new_tokens - len(out) - 1)
+        g_max = min(policy.gamma(len(pending)), max_new_tokens - len(out) - 1)
         drafted: list[int] = []
         q_rows: list[torch.Tensor] = []
         feed = pending

@@ -8,6 +8,8 @@
 - wall-clock speedup = target-only time / speculative time on the same prompts
 - verify-cost curve v(k) = time to score k tokens in one target forward / one decode step (measured: on CPUs
   v(k) > 1); expected speedup tau / (gamma * c + v(gamma + 1)) generalises MBSU to it (``best_gamma``)
+- catch-up cost = time of each token beyond the first in one draft forward / one target decode step: what
+  the draft pays to catch up on tokens it skipped while speculation was off (``measure_catchup``)
 """
 
 from __future__ import annotations
@@ -186,3 +188,15 @@ def measure_verify_cost(
         raise ValueError(f"max_k must be >= 1, got {max_k}")
     lat = measure_forward_latencies(model, input_ids, list(range(1, max_k + 1)), repeats, warmup)
     return tuple(lat[k] / lat[1] for k in range(1, max_k + 1)), lat[1]
+
+
+def measure_catchup(
+    model: PreTrainedModel, input_ids: torch.LongTensor, n_tokens: int = 32, repeats: int = 7, warmup: int = 2
+) -> tuple[float, float]:
+    """``(step_s, extra_token_s)`` of ``model`` (a draft) on a warm cache holding ``input_ids``: the median
+    seconds of a one-token forward, and of each further token when ``n_tokens`` are fed in one forward (the
+    catch-up on tokens it skipped); ``extra_token_s / target step`` is ``CostModel.catchup``."""
+    if n_tokens < 2:
+        raise ValueError(f"n_tokens must be >= 2, got {n_tokens}")
+    lat = measure_forward_latencies(model, input_ids, [1, n_tokens], repeats, warmup)
+    return lat[1], max(lat[n_tokens] - lat[1], 0.0) / (n_tokens - 1)

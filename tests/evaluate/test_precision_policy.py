@@ -27,6 +27,21 @@ def test_int8_cost_policy_records_precision_costs_and_stays_lossless(tiny_pair, 
     assert rows[("target", ALL)]["mean_gamma"] < 1
 
 
+def test_known_prior_alpha_keeps_the_cost_policy_off(tiny_pair, prompts):  # noqa: F811
+    """evaluate.prior_alpha = 0 (known useless drafts): speculation is off from the first step, so nearly every
+    step is plain (probes only as the 3% budget allows), and the per-token alpha is reported for calibration."""
+    target, draft = tiny_pair
+    cfg = EvaluateConfig(**{**FAST, "max_new_tokens": 30}, modes=["greedy"], gamma_policy="cost", prior_alpha=0.0)
+    res = evaluate(ModelConfig(target=target), [draft], cfg, prompts=prompts)
+    assert res.settings["prior_alpha"] == 0.0
+    row = next(r for r in res.rows if r["task"] == ALL)
+    # a probe pays c + v(2) - 1 >= c > 0 from 0.03 per plain step: at most 0.9 / c probes per 30-token prompt
+    c = res.drafts[0].draft_step_s / res.drafts[0].target_step_s
+    assert row["proposed"] <= row["prompts"] * 0.9 / c + 1e-9
+    assert row["plain_steps"] >= row["steps"] - row["proposed"] and row["matches_target"] == 1.0
+    assert 0.0 <= row["alpha_per_token"] <= 1.0 and all("rejected_steps" in r for r in res.records)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -34,6 +49,7 @@ def test_int8_cost_policy_records_precision_costs_and_stays_lossless(tiny_pair, 
         ({"precision": "int4"}, "precision"),
         ({"precision": "int8", "use_gpu": True}, "CPU only"),
         ({"confidence_threshold": 1.5}, "confidence_threshold"),
+        ({"prior_alpha": 1.5}, "prior_alpha"),
     ],
 )
 def test_bad_settings_fail_early(tiny_pair, prompts, override, message):  # noqa: F811

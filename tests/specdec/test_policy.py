@@ -4,6 +4,9 @@ test_sampling_distribution.py)."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -75,12 +78,71 @@ def test_cost_policy_follows_the_cost_model():
     good = CostPolicy(FREE_VERIFY, max_gamma=6, prior_alpha=1.0)
     assert good.gamma() == 6
     bad = CostPolicy(CPU_COST, max_gamma=6, prior_alpha=0.0)
-    chosen = [bad.gamma() for _ in range(3 * bad.probe_every)]
-    assert chosen.count(1) == 3 and chosen.count(0) == len(chosen) - 3
-    # The probe interval charges a probe's excess cost (2c + v(2) - 1 = 0.9 steps) to the 3% margin.
-    assert bad.probe_every == 30
+    # No catch-up cost: a probe's excess is c + v(2) - 1 = 0.7 steps, paid by 0.03 per plain step: every 24 steps.
+    assert bad.probe_interval == 24
+    chosen = [bad.gamma() for _ in range(3 * 25)]
+    assert [i for i, g in enumerate(chosen) if g] == [24, 48, 72]  # the 0.02 left over after a probe carries
     # Same alpha, CPU verify costs vs free verification: the CPU curve must choose a shorter (or no) draft.
     assert S.best_gamma(0.6, 0.2, 8, CPU_COST.verify)[0] < S.best_gamma(0.6, 0.2, 8)[0]
+
+
+def test_known_prior_alpha_starts_off_and_stays_off():
+    """A known alpha that says drafting cannot pay: gamma 0 from step 1 (the unknown, optimistic prior drafts),
+    and a lucky accepted probe does not switch speculation on (the known prior is worth 20 observations)."""
+    assert CostPolicy(CPU_COST).gamma(pending=40) > 0  # unknown: optimistic
+    known = make_policy("cost", 3, cost=CPU_COST, prior_alpha=0.05)
+    assert isinstance(known, CostPolicy) and known.alpha == pytest.approx(0.05)
+    assert known.gamma(pending=40) == 0
+    known.update(1, 1)  # a probe whose token was accepted
+    assert known.alpha < 0.1 and known.gamma() == 0
+    fresh = known.reset()
+    assert fresh.alpha == pytest.approx(0.05) and fresh.chosen == [] and fresh.budget == 0.0
+    assert CostPolicy(CPU_COST, max_gamma=8, prior_alpha=0.95).gamma() >= 3  # a known good draft drafts at once
+    with pytest.raises(ValueError, match="prior_alpha"):
+        CostPolicy(CPU_COST, prior_alpha=1.5)
+
+
+def test_probe_budget_charges_the_catch_up_and_stays_within_margin():
+    """Simulate the engine's ``pending`` (the whole prompt before the draft first runs, then one more token per
+    plain step): probes are paid from 0.03 per plain step, the catch-up included, so the cost-model overhead
+    never exceeds the margin; the first probe waits until the budget covers the prompt's catch-up."""
+    cost = CostModel(0.2, CPU_COST.verify, catchup=0.01)
+    pol = CostPolicy(cost, max_gamma=6, prior_alpha=0.0)
+    prompt, pending, probes = 60, 60, []
+    for step in range(3000):
+        if pol.gamma(pending):
+            assert pol.probe_cost(pending) == pytest.approx(0.2 + (pending - 1) * 0.01 + 0.5)
+            probes.append(step)
+            pol.update(1, 0)
+            pending = 1  # rejected: the draft has seen everything but the correction token
+        else:
+            pending += 1
+        assert pol.probe_cost_spent <= pol.margin * pol.plain_steps + 1e-9
+    # first probe: the smallest n with 0.03 n >= 0.2 + (60 + n - 1) * 0.01 + 0.5, i.e. n = 65
+    assert probes[0] == 65 == math.ceil((0.7 + (prompt - 1) * 0.01) / 0.02)
+    # then every probe_interval plain steps: (0.2 + 0.5) / (0.03 - 0.01) = 35
+    assert pol.probe_interval == 35 and {b - a for a, b in itertools.pairwise(probes)} <= {35, 36}
+    assert pol.probe_cost_spent / pol.plain_steps > 0.025  # the budget is used, not hoarded
+    # a catch-up token that alone costs more than the margin: probing can never pay for itself, so never probe
+    never = CostPolicy(CostModel(0.2, CPU_COST.verify, catchup=0.05), prior_alpha=0.0)
+    assert never.probe_interval == math.inf and not any(never.gamma(p) for p in range(1, 2000))
+
+
+def test_gamma_zero_runs_no_draft_forward():
+    """Speculation off for the whole generation: the draft is never run (its prefill is lazy), every step is one
+    one-token target forward as in plain decoding, and the output is the target's."""
+    cfg = tiny_config("llama")
+    target, draft = _model(cfg, 0), _model(cfg, 1)
+    ids = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    pol = CostPolicy(CostModel(0.2, CPU_COST.verify, catchup=0.05), prior_alpha=0.0)  # off, never probes
+    res = speculative_generate(target, draft, ids, max_new_tokens=30, policy=pol)
+    plain = autoregressive_generate(target, ids, max_new_tokens=30)
+    assert res.tokens == plain.tokens
+    st = res.stats
+    assert st.draft_forwards == 0 and st.proposed == 0 and st.proposed_per_step == [0] * 30
+    assert (
+        st.target_forwards == plain.stats.target_forwards + 1
+    )  # + the prompt split: prefill, then its last token
 
 
 def test_cost_policy_learns_alpha_from_outcomes():

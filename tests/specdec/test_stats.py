@@ -105,6 +105,7 @@ def test_decode_stats_properties_and_merge():
         target_time_s=0.4,
         wall_time_s=0.6,
         accepted_per_step=[1, 2],
+        proposed_per_step=[3, 3],
     )
     b = DecodeStats(
         proposed=3,
@@ -115,6 +116,7 @@ def test_decode_stats_properties_and_merge():
         new_tokens=4,
         wall_time_s=0.3,
         accepted_per_step=[3],
+        proposed_per_step=[3],
     )
     assert a.acceptance_rate == 0.5 and a.block_efficiency == 2.5
     m = a.merge(b)
@@ -123,5 +125,20 @@ def test_decode_stats_properties_and_merge():
     assert m.accepted_per_step == [1, 2, 3] and a.accepted_per_step == [1, 2]  # inputs untouched
     assert m.wall_time_s == pytest.approx(0.9) and m.tokens_per_s == pytest.approx(10.0)
     assert m.acceptance_rate == pytest.approx(6 / 9) and m.block_efficiency == 3.0
+    # per-token alpha: accepted / (accepted + steps stopped by a rejection); a full accept adds no failure
+    assert a.per_token_alpha == pytest.approx(3 / 5) and b.per_token_alpha == 1.0
+    assert m.per_token_alpha == pytest.approx(6 / 8)
+    plain = DecodeStats(steps=2, new_tokens=2, accepted_per_step=[0, 0], proposed_per_step=[0, 0])
+    assert plain.per_token_alpha == 0.0  # gamma-0 steps judge nothing
     empty = DecodeStats()
     assert empty.acceptance_rate == 0.0 and empty.block_efficiency == 0.0 and empty.tokens_per_s == 0.0
+    assert empty.per_token_alpha == 0.0
+
+
+def test_measure_catchup():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    step_s, extra_s = S.measure_catchup(model, torch.randint(3, 96, (1, 10)), n_tokens=16, repeats=2, warmup=1)
+    assert step_s > 0 and extra_s >= 0
+    with pytest.raises(ValueError, match="n_tokens"):
+        S.measure_catchup(model, torch.randint(3, 96, (1, 10)), n_tokens=1)
