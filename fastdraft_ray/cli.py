@@ -50,7 +50,13 @@ def init_ray(**kwargs):
         return ray
     address = os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address or None, **kwargs)
+        try:
+            ray.init(address=address or None, **kwargs)
+        except ValueError as exc:  # ray.init found a cluster started with `ray start`: join it as it is
+            if address or not kwargs or "existing cluster" not in str(exc):
+                raise
+            logging.getLogger(__name__).warning("joining the running Ray cluster (its own resources): %s", exc)
+            ray.init(address="auto")
     except ConnectionError as exc:
         raise SystemExit(
             f"could not reach the Ray cluster at {address!r} ({exc}). Start one with `ray start --head` "

@@ -59,7 +59,8 @@ class DraftConfig:
     )
     head_vocab_from: str = doc(
         "",
-        "Count token frequencies for head_vocab in this shard or KD folder; empty = the stage's training shards.",
+        "Count token frequencies for head_vocab in these shard/KD folders (comma-separated; relative = inside "
+        "the run directory, e.g. data/pt,data/cp); empty = the stage's training shards.",
     )
     init: str = doc(
         "random",
@@ -191,6 +192,11 @@ class EvaluateConfig:
     )
     confidence_threshold: float = doc(0.4, "confidence policy: stop drafting when the draft's token prob < this.")
     max_gamma: int = doc(8, "heuristic/cost policies: most draft tokens per step.")
+    prior_alpha: float = doc(
+        -1.0,
+        "cost policy: the drafts' known per-token acceptance (the alpha_per_token an earlier evaluation measured); "
+        "< 0 = unknown (optimistic prior).",
+    )
 
 
 @dataclass

@@ -37,7 +37,14 @@ def deepspeed_config(train: TrainConfig, total_steps: int, use_gpu: bool | None 
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": train.weight_decay},
+            "params": {
+                "lr": train.lr,
+                "betas": [0.9, 0.95],
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                # On CPU, torch's AdamW: DeepSpeed's fused CPU Adam is a JIT C++ build (1-2 min per fresh venv).
+                "torch_adam": not use_gpu,
+            },
         },
         "scheduler": {
             "type": "WarmupCosineLR",

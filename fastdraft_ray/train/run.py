@@ -97,22 +97,36 @@ def _kept_ids(cfg: RunConfig, data_dir: str | None, tokenizer, target_config):
     """Kept token ids of a trimmed head: special tokens + the most frequent tokens of the counted data."""
     from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_ids, token_counts
 
-    source = cfg.draft.head_vocab_from or data_dir
-    if not source:
+    sources = head_vocab_sources(cfg, data_dir)
+    if not sources:
         raise ValueError(
             "draft.head_vocab > 0 needs token counts: set draft.head_vocab_from or pass the data folder"
         )
-    counts = token_counts(source, target_config.vocab_size)
+    counts = sum(token_counts(source, target_config.vocab_size) for source in sources)
     kept = kept_token_ids(counts, cfg.draft.head_vocab, special_token_ids(tokenizer, target_config))
-    log.info("trimmed head: %d kept tokens cover %.2f%% of %s", len(kept), 100 * coverage(counts, kept), source)
+    log.info("trimmed head: %d kept tokens cover %.2f%% of %s", len(kept), 100 * coverage(counts, kept), sources)
     return kept
 
 
-def _resume_position(sdir: Path) -> DataPosition | None:
-    """Data position of the latest checkpoint Ray Train registered for this run, if any."""
+def head_vocab_sources(cfg: RunConfig, data_dir: str | None = None) -> list[Path]:
+    """The folders ``draft.head_vocab_from`` names (comma-separated; relative ones inside the run directory,
+    e.g. ``data/pt,data/cp``), or else the stage's own ``data_dir``."""
+    if not cfg.draft.head_vocab_from:
+        return [Path(data_dir)] if data_dir else []
+    names = [s.strip() for s in cfg.draft.head_vocab_from.split(",") if s.strip()]
+    return [Path(cfg.run_dir, name) if not Path(name).is_absolute() else Path(name) for name in names]
+
+
+def resume_position(sdir: str | Path) -> DataPosition | None:
+    """Where training of the stage in ``sdir`` (``<run_dir>/<stage>``) resumes: the data position of the latest
+    checkpoint Ray Train registered for that run, or None (no run folder, no registered checkpoint yet).
+
+    The one rule ``train_stage`` follows; the pipeline asks it to say whether a stage has unfinished work.
+    """
     from ray.train import Result
 
-    if not (sdir / ".").exists():
+    sdir = Path(sdir)
+    if not sdir.is_dir():
         return None
     try:
         checkpoint = Result.from_path(str(sdir)).checkpoint
@@ -182,7 +196,8 @@ def run_stage_job(cfg: RunConfig, data_dir: str, init_from: str | None) -> dict:
     from fastdraft_ray.cli import init_ray
 
     need = cfg.train.num_workers * cfg.train.cpus_per_worker
-    init_ray(**({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": max(os.cpu_count() or 1, need) + 1}))
+    local = os.environ.get("RAY_ADDRESS", "local") == "local"
+    init_ray(**({"num_cpus": max(os.cpu_count() or 1, need) + 1} if local else {}))
     record = train_stage(cfg, data_dir, init_from=init_from)
     metrics = record["metrics"]
     print(
@@ -202,8 +217,9 @@ def train_stage(
 ) -> dict:
     """Train stage ``cfg.train.stage`` on the prepared shards in ``data_dir``; returns the DONE.json record.
 
-    Resumes the stage's latest checkpoint if the run directory has one. ``extra_loop_config`` is merged into
-    the worker config (test hooks ``trace_dir``/``fail_at``, see loop.py).
+    Resumes the stage's latest checkpoint if the run directory has one (``resume_position``; DONE.json's
+    ``resumed_from`` records which). ``extra_loop_config`` is merged into the worker config (test hooks
+    ``trace_dir``/``fail_at``, see loop.py).
     """
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -235,7 +251,7 @@ def train_stage(
     init_dir = prepare_init(cfg, sdir / "init", init_from, data_dir=data_dir)
     rows_per_epoch = _split_rows(manifest, "train")
     _check_cpus(tc)
-    resume = _resume_position(sdir)
+    resume = resume_position(sdir)
     start_row = resume.rows_consumed if resume else 0
     if resume:
         log.info("resuming stage %s at step %d (global row %d)", stage, resume.step, start_row)
@@ -279,6 +295,10 @@ def train_stage(
         "metrics": dict(result.metrics or {}),
         "wall_time_s": round(time.time() - started, 1),
         "geometry": {**geo.to_dict(), "total_steps": total_steps, "tokens": total_steps * geo.tokens_per_step},
+        # where this run started: None = step 0, else the checkpoint it resumed (steps, rows, tokens done before)
+        "resumed_from": None
+        if resume is None
+        else {"step": resume.step, "rows_consumed": start_row, "tokens": resume.step * geo.tokens_per_step},
         "inputs": {
             "data_dir": str(Path(data_dir).resolve()),
             "manifest_sha256": sha256_file(Path(data_dir) / "manifest.json"),

@@ -52,6 +52,8 @@ def test_deepspeed_config_follows_the_typed_config(zero, precision):
     assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is False
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (4, 3)
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["type"] == "AdamW"
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # CPU: no JIT-built fused Adam
+    assert deepspeed_config(tc, 100, use_gpu=True)["optimizer"]["params"]["torch_adam"] is False
     sched = ds["scheduler"]["params"]
     assert (sched["total_num_steps"], sched["warmup_num_steps"], sched["cos_min_ratio"]) == (100, 10, 0.2)
 
