@@ -163,10 +163,14 @@ class GenerateActor:
             t0 = time.perf_counter()
             table, tokens = self._magpie(unit) if unit["kind"] == "magpie" else self._respond(unit)
             _write_atomic(table, unit["path"])
+            seconds = time.perf_counter() - t0
             out["path"].append(unit["path"])
             out["rows"].append(table.num_rows)
             out["tokens"].append(tokens)
-            out["seconds"].append(time.perf_counter() - t0)
+            out["seconds"].append(seconds)
+            # progress in the job's log (Ray forwards actor stdout; Ray Data's bars need a terminal)
+            name = "/".join(Path(unit["path"]).parts[-2:])
+            print(f"KD unit {name}: {table.num_rows} rows, {tokens} tokens in {seconds:.0f} s", flush=True)
         return {k: np.array(v) for k, v in out.items()}
 
     def _generate(self, model, prompts: list[list[int]], temperature: float, max_new: int):
