@@ -138,6 +138,7 @@ def main() -> None:
         f"train.checkpoint_every={10**9}",
         "train.val_rows=0",
         "train.log_every=1",
+        "draft.head_vocab_from=",  # a trimmed head counts its kept tokens on the benchmark's own shards
     ] + ([f"model.target={args.target}"] if args.target else [])
     cfg = stage_config(load_config(args.config, overrides), "pt")
     tokenizer = load_tokenizer(cfg.model.target)
@@ -150,7 +151,7 @@ def main() -> None:
         val_rows=0,
         rows_per_shard=64,
     )
-    init_dir = prepare_init(cfg, work / "bench" / "pt" / "init", None)
+    init_dir = prepare_init(cfg, work / "bench" / "pt" / "init", None, str(data_dir))
 
     plain_args = {
         "init_dir": str(init_dir),

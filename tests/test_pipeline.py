@@ -128,3 +128,13 @@ def test_stage_names_are_checked():
         "prepare/cp",
         "evaluate",
     ]
+
+
+def test_pt_with_a_trimmed_head_counted_on_cp_data_depends_on_cp_data(tmp_path):
+    from fastdraft_ray.pipeline.stages import build_stage
+
+    base = [f"storage={tmp_path}", "draft.head_vocab=64"]
+    assert build_stage("pt", load_config("cpu_default", base)).inputs == ("prepare/pt", "prepare/cp")
+    plain = load_config("cpu_default", [*base, "draft.head_vocab_from="])
+    assert build_stage("pt", plain).inputs == ("prepare/pt",)
+    assert build_stage("cp", load_config("cpu_default", base)).inputs == ("prepare/cp", "pt")

@@ -175,6 +175,16 @@ def build_stage(name: str, cfg: RunConfig, evaluate_drafts: list[str] | None = N
     raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
 
 
+def _counted_data(cfg: RunConfig) -> list[str]:
+    """The pipeline's prepared data sets (pt, cp) that ``draft.head_vocab_from`` names."""
+    from fastdraft_ray.train.run import head_vocab_sources
+
+    if not cfg.draft.head_vocab or not cfg.draft.head_vocab_from:
+        return []
+    data = Path(cfg.run_dir, "data")
+    return [src.name for src in head_vocab_sources(cfg) if src.parent == data and f"prepare/{src.name}" in ORDER]
+
+
 def _prepare(cfg: RunConfig, which: str) -> Stage:
     from fastdraft_ray.data.prepare import default_output
 
@@ -224,6 +234,8 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         settings["init_sha256"] = sha256_file(weights)
     elif UPSTREAM_DRAFT[stage]:
         inputs += (UPSTREAM_DRAFT[stage],)
+    else:  # a fresh draft's trimmed head counts tokens on prepared data (e.g. data/pt,data/cp): re-run with it
+        inputs += tuple(f"prepare/{name}" for name in _counted_data(scfg) if f"prepare/{name}" not in inputs)
 
     def run() -> dict:
         from fastdraft_ray.train.run import train_stage

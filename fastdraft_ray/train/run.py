@@ -102,6 +102,12 @@ def _kept_ids(cfg: RunConfig, data_dir: str | None, tokenizer, target_config):
         raise ValueError(
             "draft.head_vocab > 0 needs token counts: set draft.head_vocab_from or pass the data folder"
         )
+    missing = [str(source) for source in sources if not source.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"draft.head_vocab counts tokens in {', '.join(missing)}, which does not exist: prepare that data first "
+            "(python jobs/prepare_data.py --stage pt / --stage cp) or set draft.head_vocab_from to existing folders"
+        )
     counts = sum(token_counts(source, target_config.vocab_size) for source in sources)
     kept = kept_token_ids(counts, cfg.draft.head_vocab, special_token_ids(tokenizer, target_config))
     log.info("trimmed head: %d kept tokens cover %.2f%% of %s", len(kept), 100 * coverage(counts, kept), sources)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.train.conftest import save_tiny_target, tiny_run_config
 from tests.train.shards import write_shards
 
@@ -39,3 +41,13 @@ def test_kept_set_counts_every_named_folder(tmp_path):
     specials = special_token_ids(load_tokenizer(str(target)), load_target_config(str(target)))
     assert kept == set(kept_token_ids(both, 24, specials).tolist())
     assert kept != set(kept_token_ids(token_counts(a, 96), 24, specials).tolist())  # b was counted too
+
+
+def test_missing_count_folder_says_what_to_prepare(tmp_path):
+    from fastdraft_ray.train.run import prepare_init
+
+    target = save_tiny_target(tmp_path / "target")
+    cfg = tiny_run_config(target, tmp_path / "runs")
+    cfg.draft.head_vocab, cfg.draft.head_vocab_from = 24, "data/pt,data/cp"
+    with pytest.raises(FileNotFoundError, match="prepare_data.py --stage"):
+        prepare_init(cfg, tmp_path / "init", None)
