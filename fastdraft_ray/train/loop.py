@@ -69,7 +69,8 @@ def _batches(iterator, geo: Geometry, skip_rows: int):
 
 
 def _val_rows(geo: Geometry, n_rows: int, has_val: bool) -> np.ndarray | None:
-    """The first ``n_rows`` of the val split (trimmed to whole global micro-batches), or None if there is none."""
+    """The first ``n_rows`` of the val split (trimmed to a multiple of the world size, so a split smaller than one
+    global micro-batch is still scored), or None if there is none."""
     if not has_val or n_rows <= 0:
         return None
     shard = ray.train.get_dataset_shard("val")
@@ -82,22 +83,25 @@ def _val_rows(geo: Geometry, n_rows: int, has_val: bool) -> np.ndarray | None:
     if not chunks:
         return None
     rows = np.concatenate(chunks)[:n_rows]
-    rows = rows[: len(rows) // geo.rows_per_micro_step * geo.rows_per_micro_step]
+    rows = rows[: len(rows) // geo.world_size * geo.world_size]
     return rows if len(rows) else None
 
 
 @torch.no_grad()
 def _validate(engine, rows: np.ndarray | None, geo: Geometry, rank: int, loss_fn) -> float | None:
-    """Mean loss on the validation rows; every rank scores its slice of each micro-batch."""
+    """Mean loss on the validation rows (row-weighted); every rank scores an equal share of each micro-batch
+    (the last one may be shorter than a global micro-batch)."""
     if rows is None:
         return None
     engine.eval()
     total = 0.0
     for start in range(0, len(rows), geo.rows_per_micro_step):
-        mine = rows[start : start + geo.rows_per_micro_step][geo.worker_slice(rank)]
-        total += loss_fn(engine, torch.from_numpy(mine).to(engine.device)).item()
+        chunk = rows[start : start + geo.rows_per_micro_step]
+        share = len(chunk) // geo.world_size
+        mine = chunk[rank * share : (rank + 1) * share]
+        total += loss_fn(engine, torch.from_numpy(mine).to(engine.device)).item() * share
     engine.train()
-    return _mean_across([total / (len(rows) // geo.rows_per_micro_step)], engine.device)[0]
+    return _mean_across([total / (len(rows) // geo.world_size)], engine.device)[0]
 
 
 def _save(engine, position: DataPosition, geo: Geometry, metrics: dict, rank: int) -> None:

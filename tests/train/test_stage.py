@@ -81,3 +81,13 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_target):
     data = write_shards(tmp_path / "data", tokenizer_hash="0" * 64, vocab_size=96)
     with pytest.raises(ValueError, match="different tokenizer"):
         train_stage(tiny_run_config(tiny_target, tmp_path / "runs"), str(data))
+
+
+def test_val_split_smaller_than_one_global_micro_batch_is_still_scored(tmp_path, tiny_target, tiny_hash, ray_3cpu):
+    from fastdraft_ray.train.run import train_stage
+
+    # 3 val rows < 4 (2 workers x micro-batch 2): scored as 2 rows, one per worker (a small FT split's case)
+    data = write_shards(tmp_path / "data", tokenizer_hash=tiny_hash, vocab_size=96, val_rows=3)
+    record = train_stage(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256), str(data))
+    val = record["metrics"]["val/loss"]
+    assert val is not None and 0 < val < 10
