@@ -86,9 +86,8 @@ def _prior_alpha(value: str) -> str:
 
 def _calibrated(res, by_path: dict[str, str]) -> dict[str, float]:
     """Per draft path, the pooled per-token acceptance of a (constant-gamma) evaluation: greedy if it ran."""
-    out = {}
+    out, paths = {}, {d.name: d.path for d in res.drafts}
     for mode in ("sampling", "greedy"):  # greedy last: it wins when both ran
-        paths = {d.name: d.path for d in res.drafts}
         out.update(
             {paths[r["draft"]]: r["alpha_per_token"] for r in res.rows if r["task"] == ALL and r["mode"] == mode}
         )

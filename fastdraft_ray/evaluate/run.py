@@ -228,9 +228,7 @@ class Evaluator:
                         "draft_forwards": st.draft_forwards,
                         "target_forwards": st.target_forwards,
                         "plain_steps": st.proposed_per_step.count(0),
-                        "rejected_steps": sum(
-                            n < g for n, g in zip(st.accepted_per_step, st.proposed_per_step, strict=True)
-                        ),
+                        "rejected_steps": st.rejected_steps,
                         "base_new_tokens": base.stats.new_tokens,
                         "base_wall_time_s": base.stats.wall_time_s,
                         "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
@@ -291,7 +289,6 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         )
     }
     alpha = S.acceptance_rate(tot["accepted"], tot["proposed"])
-    rejected = sum(r.get("rejected_steps", 0) for r in recs)
     tau = S.block_efficiency(tot["new_tokens"], tot["steps"])
     mean_gamma = tot["proposed"] / tot["steps"] if tot["steps"] else 0.0
     g_cost = mean_gamma if adaptive else gamma  # gamma the cost formulas charge
@@ -315,8 +312,8 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         "mbsu": S.mbsu(tau, g_cost, info.c_params),
         "mean_gamma": mean_gamma,
         "plain_steps": sum(r.get("plain_steps", 0) for r in recs),
-        # per-token acceptance probability (DecodeStats.per_token_alpha): evaluate.prior_alpha for the cost policy
-        "alpha_per_token": tot["accepted"] / judged if (judged := tot["accepted"] + rejected) else 0.0,
+        # per-token acceptance probability: what evaluate.prior_alpha gives the cost policy
+        "alpha_per_token": S.per_token_alpha(tot["accepted"], sum(r.get("rejected_steps", 0) for r in recs)),
         "hw_speedup": hw,
         "hw_speedup_verify": hw_verify,
         "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,

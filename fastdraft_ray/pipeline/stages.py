@@ -179,7 +179,7 @@ def _counted_data(cfg: RunConfig) -> list[str]:
     """The pipeline's prepared data sets (pt, cp) that ``draft.head_vocab_from`` names."""
     from fastdraft_ray.train.run import head_vocab_sources
 
-    if not cfg.draft.head_vocab or not cfg.draft.head_vocab_from:
+    if not cfg.draft.head_vocab:
         return []
     data = Path(cfg.run_dir, "data")
     return [src.name for src in head_vocab_sources(cfg) if src.parent == data and f"prepare/{src.name}" in ORDER]

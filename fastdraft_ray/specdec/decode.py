@@ -70,13 +70,15 @@ class DecodeStats:
         return S.acceptance_rate(self.accepted, self.proposed)
 
     @property
+    def rejected_steps(self) -> int:
+        """Steps that stopped on a rejection (fewer accepted than proposed)."""
+        return sum(n < g for n, g in zip(self.accepted_per_step, self.proposed_per_step, strict=True))
+
+    @property
     def per_token_alpha(self) -> float:
-        """Per-token acceptance probability (maximum likelihood for i.i.d. acceptance): accepted draft tokens /
-        (accepted + steps that stopped on a rejection). What ``CostPolicy(prior_alpha=...)`` expects; unlike
-        ``acceptance_rate`` it does not count the proposals after a rejection, which are never judged."""
-        rejected = sum(n < g for n, g in zip(self.accepted_per_step, self.proposed_per_step, strict=True))
-        judged = self.accepted + rejected
-        return self.accepted / judged if judged else 0.0
+        """Per-token acceptance probability (``stats.per_token_alpha``): what ``CostPolicy(prior_alpha=...)``
+        expects."""
+        return S.per_token_alpha(self.accepted, self.rejected_steps)
 
     @property
     def block_efficiency(self) -> float:

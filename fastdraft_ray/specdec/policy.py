@@ -50,7 +50,7 @@ class CostModel:
     """Measured costs, relative to one target decode step: ``c`` = draft step / target step, ``verify`` with
     ``verify[k - 1]`` = cost of scoring k tokens in one target forward (``verify[0] == 1``), and ``catchup`` =
     cost of each token beyond the first in one draft forward (the draft catching up on tokens it skipped while
-    speculation was off: ``stats.measure_catchup_cost``; 0 = free, only for tests and memory-bound pictures).
+    speculation was off: ``stats.measure_catchup``; 0 = free, only for tests and memory-bound pictures).
 
     The curve is made non-decreasing and >= 1 (a cumulative maximum): scoring more tokens never costs less,
     and timing noise on a shared machine that says otherwise would make the policy draft on a useless draft.

@@ -31,6 +31,16 @@ def _check_count(name: str, value: float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def per_token_alpha(accepted: int, rejected_steps: int) -> float:
+    """Per-token acceptance probability (maximum likelihood for i.i.d. acceptance): accepted draft tokens /
+    (accepted + steps that stopped on a rejection); 0.0 when nothing was judged. Unlike ``acceptance_rate`` it
+    does not count the proposals after a rejection, which are never judged."""
+    _check_count("accepted", accepted)
+    _check_count("rejected_steps", rejected_steps)
+    judged = accepted + rejected_steps
+    return accepted / judged if judged else 0.0
+
+
 def acceptance_rate(accepted: int, proposed: int) -> float:
     """alpha = accepted / proposed; 0.0 when nothing was proposed."""
     _check_count("accepted", accepted)

@@ -120,7 +120,7 @@ def head_vocab_sources(cfg: RunConfig, data_dir: str | None = None) -> list[Path
     if not cfg.draft.head_vocab_from:
         return [Path(data_dir)] if data_dir else []
     names = [s.strip() for s in cfg.draft.head_vocab_from.split(",") if s.strip()]
-    return [Path(cfg.run_dir, name) if not Path(name).is_absolute() else Path(name) for name in names]
+    return [Path(cfg.run_dir, name) for name in names]  # an absolute name replaces the run directory
 
 
 def resume_position(sdir: str | Path) -> DataPosition | None:
