@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 from benchmarks.bench_specdec import machine  # noqa: E402
 from fastdraft_ray.config import EvaluateConfig, ModelConfig  # noqa: E402
+from fastdraft_ray.data.tasks import TASKS, load_tasks  # noqa: E402
 from fastdraft_ray.evaluate.run import ALL, evaluate  # noqa: E402
-from fastdraft_ray.evaluate.tasks import TASKS, load_tasks  # noqa: E402
 from fastdraft_ray.models.target import load_tokenizer  # noqa: E402
 from fastdraft_ray.specdec.policy import POLICIES  # noqa: E402
 from fastdraft_ray.specdec.precision import PRECISIONS  # noqa: E402

@@ -84,16 +84,17 @@ def train_tokens_per_s(model, batch: int = 8, seq: int = 256, iters: int = 3) ->
 
 def acceptance(target, tokenizer, drafts: dict, prompts: int, new_tokens: int) -> dict[str, float]:
     """Greedy acceptance rate (gamma 3) of each draft on held-out instruction prompts."""
-    from fastdraft_ray.evaluate.tasks import load_tasks
-    from fastdraft_ray.specdec.decode import speculative_generate
+    from fastdraft_ray.config import DecodeConfig
+    from fastdraft_ray.data.tasks import load_tasks
+    from fastdraft_ray.specdec.engine import SpecDecoder
 
     items = load_tasks(tokenizer, ["instruction"], prompts_per_task=prompts)["instruction"]
     out = {}
     for name, draft in drafts.items():
         acc = prop = 0
+        decoder = SpecDecoder(target, draft, DecodeConfig(gamma=3, temperature=0.0, stop_at_eos=False))
         for item in items:
-            ids = torch.tensor([item.input_ids])
-            stats = speculative_generate(target, draft, ids, gamma=3, max_new_tokens=new_tokens).stats
+            stats = decoder.generate(item.input_ids, max_new_tokens=new_tokens).stats
             acc, prop = acc + stats.accepted, prop + stats.proposed
         out[name] = acc / max(prop, 1)
     return out

@@ -25,12 +25,13 @@ def one_at_a_time(target: str, prompts: list[list[int]], max_new_tokens: int, th
     """(generated tokens, seconds) of plain ``model.generate`` per prompt."""
     import torch
 
-    from fastdraft_ray.distill.generate import eos_ids, generate_batch, pad_id
+    from fastdraft_ray.distill.batched import generate_batch
+    from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids
     from fastdraft_ray.models.target import load_target
 
     torch.set_num_threads(threads)
     model, tok = load_target(target)
-    pad, eos = pad_id(tok), eos_ids(model, tok)
+    pad, eos = pad_token_id(tok), stop_token_ids(tok, model)
     start, tokens = time.perf_counter(), 0
     for p in prompts:
         ((ids, _),) = generate_batch(model, [p], temperature=0.0, max_new_tokens=max_new_tokens, pad=pad, eos=eos)
@@ -43,7 +44,8 @@ def actor_pool(args, out: Path) -> tuple[int, float, float]:
     import ray
 
     from fastdraft_ray.config import load_config
-    from fastdraft_ray.distill.generate import _run_units, output_dir, response_units, run_generation
+    from fastdraft_ray.distill.generate import response_units, run_generation, run_units
+    from fastdraft_ray.layout import RunLayout
 
     cfg = load_config(
         None,
@@ -66,9 +68,10 @@ def actor_pool(args, out: Path) -> tuple[int, float, float]:
         run_generation(cfg, max_units=0)  # fixes the prompt list only
         import pyarrow.parquet as pq
 
-        units = response_units(cfg, output_dir(cfg), pq.read_table(output_dir(cfg) / "prompts.parquet"))
+        kd = RunLayout.of(cfg).kd
+        units = response_units(cfg, kd, pq.read_table(kd.prompts))
         start = time.perf_counter()
-        summary = _run_units(cfg, units, None)
+        summary = run_units(cfg, units, None)
         wall = time.perf_counter() - start
     finally:
         ray.shutdown()

@@ -3,8 +3,8 @@
     python benchmarks/bench_specdec.py [--draft PATH] [--prompts 4 --max-new-tokens 64 --gamma 3 --threads 2]
 
 - target only: transformers ``model.generate(do_sample=False)`` (the baseline of every ratio) and this
-  package's ``autoregressive_generate``;
-- for each draft: this engine (``speculative_generate``, greedy, gamma) and transformers assisted generation
+  package's ``SpecDecoder`` without a draft;
+- for each draft: this engine (``SpecDecoder.generate``, greedy, gamma) and transformers assisted generation
   with the SAME draft (``assistant_model=``, gamma tokens, constant schedule, confidence early-stop off);
 - transformers prompt-lookup decoding (``prompt_lookup_num_tokens=gamma``).
 
@@ -38,15 +38,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from fastdraft_ray.config import DraftConfig  # noqa: E402
+from fastdraft_ray.config import DecodeConfig, DraftConfig  # noqa: E402
 from fastdraft_ray.models.draft import build_draft, derive_draft_config, load_draft, param_bytes  # noqa: E402
 from fastdraft_ray.models.target import load_target  # noqa: E402
-from fastdraft_ray.specdec.decode import (  # noqa: E402
-    NEAR_TIE_LOGIT_GAP,
-    autoregressive_generate,
-    first_divergence,
-    speculative_generate,
-)
+from fastdraft_ray.specdec.decode import NEAR_TIE_LOGIT_GAP, first_divergence  # noqa: E402
+from fastdraft_ray.specdec.engine import SpecDecoder  # noqa: E402
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -131,22 +127,25 @@ def configure_assistant(draft, gamma: int) -> None:
 
 def build_methods(target, drafts: dict, gamma: int, n: int, eos: int):
     """name -> callable(ids) -> (tokens, steps or None, proposed, accepted)."""
+    settings = DecodeConfig(gamma=gamma, temperature=0.0)
+    target_only = SpecDecoder(target, None, settings, stop_ids=[eos])
 
     def hf_target(ids):
         return hf_generate(target, ids, n, eos), None, 0, 0
 
     def ar(ids):
-        return autoregressive_generate(target, ids, max_new_tokens=n, eos_token_id=eos).tokens, None, 0, 0
+        return target_only.generate(ids, max_new_tokens=n).tokens, None, 0, 0
 
     def pld(ids):
         return hf_generate(target, ids, n, eos, prompt_lookup_num_tokens=gamma), None, 0, 0
 
-    methods = {"target only: model.generate": hf_target, "target only: autoregressive_generate": ar}
+    methods = {"target only: model.generate": hf_target, "target only: SpecDecoder (no draft)": ar}
     for name, draft in drafts.items():
         configure_assistant(draft, gamma)
+        decoder = SpecDecoder(target, draft, settings, stop_ids=[eos])
 
-        def engine(ids, draft=draft):
-            res = speculative_generate(target, draft, ids, gamma=gamma, max_new_tokens=n, eos_token_id=eos)
+        def engine(ids, decoder=decoder):
+            res = decoder.generate(ids, max_new_tokens=n)
             return res.tokens, res.stats.steps, res.stats.proposed, res.stats.accepted
 
         def assisted(ids, draft=draft):

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.train.run import prepare_init  # noqa: E402
+from fastdraft_ray.layout import RunLayout  # noqa: E402
+from fastdraft_ray.models.construct import prepare_init  # noqa: E402
 
 
 def parse_config(spec: str) -> tuple[str, dict]:
@@ -64,9 +65,9 @@ def train(name: str, draft: dict, args) -> tuple[Path, float]:
     overrides += [f"draft.head_vocab_from={Path(args.kd).resolve()}", f"storage={storage}"]
     overrides += [f"run_name=sweep_{name}", f"stages.ft.train.token_budget={args.token_budget}"]
     cfg = load_config("cpu_default", overrides)
-    run_dir = Path(cfg.run_dir)
-    export = run_dir / "ft" / "export"
-    init = prepare_init(cfg, run_dir / "draft_init", None)
+    layout = RunLayout.of(cfg)
+    export = layout.stage("ft").export
+    init = prepare_init(cfg, layout.draft_init, None)
     start = time.perf_counter()
     cmd = [sys.executable, str(ROOT / "jobs/finetune.py"), "--config", "cpu_default", *overrides]
     cmd += [
@@ -80,7 +81,7 @@ def train(name: str, draft: dict, args) -> tuple[Path, float]:
     # A private local Ray per training (never another job's cluster), workers at nice 0 like the evaluation.
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_worker_niceness": "0"}
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-    done = json.loads((run_dir / "ft" / "DONE.json").read_text())
+    done = json.loads(layout.stage("ft").done.read_text())
     return export, float(done.get("wall_time_s", time.perf_counter() - start))
 
 

@@ -1,10 +1,10 @@
-"""What every ``jobs/*.py`` entry point shares: argument parsing into a RunConfig, logging, Ray start-up."""
+"""What every ``jobs/*.py`` entry point shares: argument parsing into a RunConfig and logging (Ray start-up:
+``ray_runtime.init_ray``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from fastdraft_ray.config import ConfigError, RunConfig, describe, load_config
@@ -40,26 +40,3 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("urllib3", "filelock", "httpx", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def init_ray(**kwargs):
-    """Connect to the cluster this job was submitted to (or RAY_ADDRESS), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS")
-    try:
-        try:
-            ray.init(address=address or None, **kwargs)
-        except ValueError as exc:  # ray.init found a cluster started with `ray start`: join it as it is
-            if address or not kwargs or "existing cluster" not in str(exc):
-                raise
-            logging.getLogger(__name__).warning("joining the running Ray cluster (its own resources): %s", exc)
-            ray.init(address="auto")
-    except ConnectionError as exc:
-        raise SystemExit(
-            f"could not reach the Ray cluster at {address!r} ({exc}). Start one with `ray start --head` "
-            "(and export RAY_AUTH_MODE=token), or unset RAY_ADDRESS to run locally."
-        ) from exc
-    return ray

@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -36,7 +36,9 @@ class ModelConfig:
     target: str = doc(
         "embedded:smollm2-135m-instruct", "Target: hub id, local HF folder, .gguf file, or embedded:<name>."
     )
-    dtype: str = doc("float32", "Precision the target is loaded in: float32, bfloat16 or float16.")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc(
+        "float32", "Precision the target is loaded in: float32, bfloat16 or float16."
+    )
     trust_remote_code: bool = doc(False, "Allow custom modelling code shipped with a hub model.")
 
 
@@ -62,7 +64,7 @@ class DraftConfig:
         "Count token frequencies for head_vocab in these shard/KD folders (comma-separated; relative = inside "
         "the run directory, e.g. data/pt,data/cp); empty = the stage's training shards.",
     )
-    init: str = doc(
+    init: Literal["random", "pca", "layers"] = doc(
         "random",
         "random | pca (target embeddings projected to the draft width) | layers (copy target layers; target widths)",
     )
@@ -95,12 +97,14 @@ class DataConfig:
 class TrainConfig:
     """Ray Train + DeepSpeed training of the draft."""
 
-    stage: str = doc("pt", "Stage: pt (pre-train), cp (continued pre-train) or ft (distillation fine-tune).")
+    stage: Literal["pt", "cp", "ft"] = doc(
+        "pt", "Stage: pt (pre-train), cp (continued pre-train) or ft (distillation fine-tune)."
+    )
     num_workers: int = doc(2, "Ray Train workers.")
     use_gpu: bool = doc(False, "Place one worker per GPU.")
     cpus_per_worker: int = doc(1, "CPU cores (and torch threads) per worker.")
     zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.")
-    precision: str = doc("fp32", "fp32 or bf16 (fp16 needs a GPU).")
+    precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "fp32 or bf16 (fp16 needs a GPU).")
     offload_optimizer: bool = doc(False, "Offload optimizer state to CPU memory (ZeRO 2/3).")
     micro_batch_size: int = doc(8, "Sequences per worker per micro-step.")
     grad_accum_steps: int = doc(1, "Micro-steps per optimizer step.")
@@ -120,11 +124,11 @@ class TrainConfig:
     worker_resources: dict = doc(
         {}, "Extra Ray resources per worker, e.g. {trainer: 1} to pin workers to a node type."
     )
-    kd_loss: str = doc(
+    kd_loss: Literal["ce", "kl", "tvd", "ce_kl", "ce_tvd"] = doc(
         "ce", "FT loss: ce (sequence-level KD), kl, tvd, ce_kl, ce_tvd (sparse top-k token-level KD)."
     )
     kd_alpha: float = doc(0.5, "FT: weight of CE in ce_kl / ce_tvd (alpha*CE + (1-alpha)*KL|TVD).")
-    ft_responses: str = doc(
+    ft_responses: Literal["target", "original"] = doc(
         "target", "FT data: target (KD data from jobs/generate.py) or original (the datasets' own responses)."
     )
 
@@ -149,7 +153,9 @@ class GenerateConfig:
     shard_prompts: int = doc(64, "Prompts per output file: the unit of work and of resume.")
     topk_logprobs: int = doc(0, "Keep the target's top-k log-probs per response token (0 = off).")
     top_p: float = doc(1.0, "Nucleus threshold when sampling (1.0 = the target's full distribution).")
-    backend: str = doc("hf", "hf (batched transformers, CPU or GPU) or vllm (ray.data.llm; gpu extra + GPUs).")
+    backend: Literal["hf", "vllm"] = doc(
+        "hf", "hf (batched transformers, CPU or GPU) or vllm (ray.data.llm; gpu extra + GPUs)."
+    )
     num_actors: int = doc(1, "Generator actors (one target copy each).")
     cpus_per_actor: int = doc(1, "CPU cores (and torch threads) per generator actor.")
     use_gpu: bool = doc(False, "One GPU per generator actor.")
@@ -161,33 +167,26 @@ class GenerateConfig:
     onpolicy_draft: str = doc("", "Draft that writes the on-policy responses; empty = <run_dir>/cp/export.")
 
 
-@dataclass
-class EvaluateConfig:
-    """Speculative-decoding evaluation of drafts against the target."""
+PRECISION_CHOICES = Literal["", "fp32", "bf16", "fp16", "int8"]
 
-    drafts: list = doc([], "Draft HF folders to evaluate.")
-    tasks: list = doc(["summarization", "story", "instruction", "code"], "Task families.")
-    prompts_per_task: int = doc(8, "Prompts per task family.")
-    max_new_tokens: int = doc(64, "Tokens generated per prompt.")
+
+@dataclass
+class DecodeConfig:
+    """How the target+draft pair decodes (``specdec.engine.SpecDecoder``): precision, gamma policy, sampling and
+    stopping. The one settings section evaluation, benchmarks, the search and the server read; ``evaluate`` and
+    ``serve`` extend it, so ``evaluate.gamma`` and ``serve.gamma`` are the same field of the same type."""
+
     gamma: int = doc(3, "Draft tokens proposed per step (paper protocol: 3).")
     temperature: float = doc(0.6, "Sampling temperature (paper protocol: 0.6); greedy is always run too.")
     top_p: float = doc(1.0, "Nucleus sampling threshold.")
-    num_workers: int = doc(1, "Ray workers prompts are spread over (1 = run in this process, exact).")
-    seed: int = doc(0, "Seed for prompt selection and sampling.")
-    modes: list = doc(["sampling", "greedy"], "Decoding modes: sampling (at temperature/top_p) and/or greedy.")
-    source: str = doc(
-        "offline", "Prompt source: offline (embedded stand-ins) or hub (CNN/DM, TinyStories, Dolly, HumanEval)."
+    stop_at_eos: bool = doc(
+        True, "Stop a generation at the target's stop tokens (models.prompting.stop_token_ids)."
     )
-    max_article_tokens: int = doc(384, "Summarisation articles are truncated to this many tokens.")
-    code_chat: bool = doc(False, "Wrap code prompts in the chat template (default: raw HumanEval completion).")
-    stop_at_eos: bool = doc(True, "Stop a generation at the target's EOS token.")
-    cpus_per_worker: int = doc(0, "CPU cores (and torch threads) per worker; 0 = all cores / num_workers.")
-    use_gpu: bool = doc(False, "Run each worker on one GPU.")
-    precision: str = doc(
+    precision: PRECISION_CHOICES = doc(
         "", "Target AND draft precision: fp32 | bf16 | fp16 | int8 (dynamic int8 Linear, CPU); '' = model.dtype."
     )
-    draft_precision: str = doc("", "Draft precision if different from evaluate.precision ('' = the same).")
-    gamma_policy: str = doc(
+    draft_precision: PRECISION_CHOICES = doc("", "Draft precision if different from precision ('' = the same).")
+    gamma_policy: Literal["constant", "confidence", "heuristic", "cost"] = doc(
         "constant", "Draft length per step: constant | confidence | heuristic | cost (specdec/policy.py)."
     )
     confidence_threshold: float = doc(0.4, "confidence policy: stop drafting when the draft's token prob < this.")
@@ -197,6 +196,26 @@ class EvaluateConfig:
         "cost policy: the drafts' known per-token acceptance (the alpha_per_token an earlier evaluation measured); "
         "< 0 = unknown (optimistic prior).",
     )
+
+
+@dataclass
+class EvaluateConfig(DecodeConfig):
+    """Speculative-decoding evaluation of drafts against the target (decoding keys: ``DecodeConfig``)."""
+
+    drafts: list = doc([], "Draft HF folders to evaluate.")
+    tasks: list = doc(["summarization", "story", "instruction", "code"], "Task families.")
+    prompts_per_task: int = doc(8, "Prompts per task family.")
+    max_new_tokens: int = doc(64, "Tokens generated per prompt.")
+    num_workers: int = doc(1, "Ray workers prompts are spread over (1 = run in this process, exact).")
+    seed: int = doc(0, "Seed for prompt selection and sampling.")
+    modes: list = doc(["sampling", "greedy"], "Decoding modes: sampling (at temperature/top_p) and/or greedy.")
+    source: Literal["offline", "hub"] = doc(
+        "offline", "Prompt source: offline (embedded stand-ins) or hub (CNN/DM, TinyStories, Dolly, HumanEval)."
+    )
+    max_article_tokens: int = doc(384, "Summarisation articles are truncated to this many tokens.")
+    code_chat: bool = doc(False, "Wrap code prompts in the chat template (default: raw HumanEval completion).")
+    cpus_per_worker: int = doc(0, "CPU cores (and torch threads) per worker; 0 = all cores / num_workers.")
+    use_gpu: bool = doc(False, "Run each worker on one GPU.")
 
 
 @dataclass
@@ -211,13 +230,12 @@ class SearchConfig:
 
 
 @dataclass
-class ServeConfig:
-    """Ray Serve deployment of the target+draft pair."""
+class ServeConfig(DecodeConfig):
+    """Ray Serve deployment of the target+draft pair (decoding keys: ``DecodeConfig``)."""
 
     draft: str = doc("", "Draft HF folder to serve.")
     host: str = doc("127.0.0.1", "HTTP host.")
     port: int = doc(8000, "HTTP port.")
-    gamma: int = doc(3, "Draft tokens per step.")
     num_replicas: int = doc(1, "Replicas of the speculative decoder.")
 
 
@@ -253,11 +271,6 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": "The one-job pipeline."})
     stages: dict = doc({}, "Per-stage overrides: stage (pt, cp, ft) -> {dotted.key: value}; see stage_config().")
 
-    @property
-    def run_dir(self) -> str:
-        """``<storage>/<run_name>``."""
-        return f"{self.storage.rstrip('/')}/{self.run_name}"
-
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -289,6 +302,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} is not a valid {tp}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
     base = origin or tp
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -432,6 +450,15 @@ def _validate_stages(cfg: RunConfig) -> RunConfig:
     for stage in cfg.stages:
         stage_config(cfg, stage)  # raises ConfigError on an unknown key or a wrong type
     return cfg
+
+
+def check_choices(section: Any, prefix: str = "") -> None:
+    """Raise ``ConfigError`` for a choice field (a ``Literal``) of a config dataclass built directly in code
+    (``load_config`` checks those of a loaded one), naming the valid values."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        if typing.get_origin(hints[f.name]) is Literal:
+            _coerce(getattr(section, f.name), hints[f.name], prefix + f.name)
 
 
 def config_from_dict(data: dict) -> RunConfig:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from fastdraft_ray.cli import parse_job_args, setup_logging
+from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.models.draft import check_compatible, count_params, new_draft, param_bytes, save_draft
 from fastdraft_ray.models.target import load_target
 
@@ -24,7 +24,7 @@ def main() -> None:
     log.info("target %s ready in %.1f s", cfg.model.target, time.perf_counter() - start)
     draft = new_draft(target.config, cfg.draft, seed=cfg.train.seed)
     check_compatible(target, draft, tokenizer, tokenizer)
-    out = save_draft(draft, tokenizer, Path(cfg.run_dir) / "draft_init")
+    out = save_draft(draft, tokenizer, RunLayout.of(cfg).draft_init)
 
     t_count, d_count = count_params(target), count_params(draft)
     c = param_bytes(draft) / param_bytes(target)

@@ -16,12 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from the working dir, installed or not
 
-from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging  # noqa: E402
+from fastdraft_ray.cli import parse_job_args, setup_logging  # noqa: E402
 from fastdraft_ray.config import to_dict  # noqa: E402
 from fastdraft_ray.evaluate.report import summary, write_report  # noqa: E402
 from fastdraft_ray.evaluate.run import evaluate  # noqa: E402
+from fastdraft_ray.layout import RunLayout  # noqa: E402
 from fastdraft_ray.models.draft import new_draft, save_draft  # noqa: E402
 from fastdraft_ray.models.target import load_target_config, load_tokenizer  # noqa: E402
+from fastdraft_ray.ray_runtime import init_ray  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -30,7 +32,8 @@ def random_draft(cfg) -> str:
     """Derive a random draft of shape ``cfg.draft`` from the target and save it; return its folder."""
     target_cfg = load_target_config(cfg.model.target, cfg.model.trust_remote_code)
     draft = new_draft(target_cfg, cfg.draft, seed=cfg.train.seed)
-    root = Path(tempfile.mkdtemp()) if "://" in cfg.run_dir else Path(cfg.run_dir) / "eval"
+    layout = RunLayout.of(cfg)
+    root = Path(tempfile.mkdtemp()) if layout.remote else Path(layout.eval_dir)
     return str(
         save_draft(draft, load_tokenizer(cfg.model.target, cfg.model.trust_remote_code), root / "random_draft")
     )
@@ -49,7 +52,7 @@ def main() -> None:
     if cfg.evaluate.num_workers > 1 or cfg.evaluate.use_gpu:
         init_ray()  # RAY_ADDRESS (set by `ray job submit`) or a local Ray
     results = evaluate(cfg.model, drafts, cfg.evaluate)
-    where = write_report(results, cfg.run_dir, to_dict(cfg))
+    where = write_report(results, RunLayout.of(cfg).eval_dir, to_dict(cfg))
     print(summary(results))
     print(f"report: {where}/results.md (+ results.csv, results.json, results.png)")
 

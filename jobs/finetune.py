@@ -17,10 +17,9 @@ from pathlib import Path
 
 from fastdraft_ray.cli import parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
-from fastdraft_ray.data.prepare import default_output
-from fastdraft_ray.distill.generate import output_dir
-from fastdraft_ray.pipeline.stages import build_ft_data, init_source, kd_topk
-from fastdraft_ray.train.run import completed_record, run_stage_job, stage_dir
+from fastdraft_ray.distill.ftdata import build_ft_data, kd_topk
+from fastdraft_ray.layout import KDLayout, RunLayout
+from fastdraft_ray.train.run import completed_record, init_source, run_stage_job
 
 
 def _arguments(parser) -> None:
@@ -33,8 +32,10 @@ def main() -> None:
     cfg, args = parse_job_args(__doc__, add_arguments=_arguments)
     setup_logging()
     cfg = stage_config(cfg, "ft")
-    kd_dir = Path(args.kd) if args.kd else output_dir(cfg)
-    data_dir = args.data or default_output(cfg.run_dir, cfg.data)
+    layout = RunLayout.of(cfg)
+    kd = KDLayout(Path(args.kd).resolve()) if args.kd else layout.kd
+    kd_dir = kd.root
+    data_dir = args.data or str(layout.data(cfg.data))
     init_from = args.init_from or init_source(cfg, "ft")
     if not Path(init_from, "config.json").exists():
         raise SystemExit(
@@ -42,9 +43,9 @@ def main() -> None:
         )
     done = completed_record(cfg)
     if done is not None:
-        print(f"stage ft already done: {stage_dir(cfg)}/DONE.json; metrics {json.dumps(done['metrics'])}")
+        print(f"stage ft already done: {layout.stage('ft').done}; metrics {json.dumps(done['metrics'])}")
         return
-    if not (kd_dir / "DONE.json").exists():
+    if not kd.done.exists():
         raise SystemExit(f"no finished KD data in {kd_dir}: run jobs/generate.py first")
     topk = kd_topk(kd_dir) if cfg.train.kd_loss != "ce" else 0
     manifest = build_ft_data(cfg, kd_dir, data_dir)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging
-from fastdraft_ray.distill.generate import check_config, output_dir, run_generation
+from fastdraft_ray.cli import parse_job_args, setup_logging
+from fastdraft_ray.distill.generate import check_config, run_generation
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.ray_runtime import init_ray, local_ray_cpus
 
 log = logging.getLogger("generate")
 
@@ -28,16 +29,16 @@ def main() -> None:
     cfg, args = parse_job_args(__doc__, add_arguments=_arguments)
     setup_logging()
     g = cfg.generate
-    done = output_dir(cfg) / "DONE.json"
+    kd = RunLayout.of(cfg).kd
+    done = kd.done
     if done.exists() and args.max_units is None:
-        check_config(output_dir(cfg), cfg)  # same settings, else a clear error
+        check_config(kd, cfg)  # same settings, else a clear error
         print(f"KD data already generated: {done}")
         return
-    local = not os.environ.get("RAY_ADDRESS")
-    init_ray(**({"num_cpus": max(os.cpu_count() or 1, g.num_actors * g.cpus_per_actor)} if local else {}))
+    init_ray(**local_ray_cpus(g.num_actors * g.cpus_per_actor))
     record = run_generation(cfg, max_units=args.max_units)
     if not record.get("done"):
-        print(f"stopped early (--max-units {args.max_units}); re-run to continue into {output_dir(cfg)}")
+        print(f"stopped early (--max-units {args.max_units}); re-run to continue into {kd.root}")
         return
     print(f"KD data: {record['rows']} responses, {record['tokens']:,} tokens in {record['wall_time_s']:.0f} s")
     print(json.dumps(record["by_writer_temperature"], indent=1))

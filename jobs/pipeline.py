@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from the working dir, installed or not
 
-from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging  # noqa: E402
+from fastdraft_ray.cli import parse_job_args, setup_logging  # noqa: E402
 from fastdraft_ray.pipeline.run import local_ray_resources, plan, run_pipeline  # noqa: E402
 from fastdraft_ray.pipeline.stages import PipelineError  # noqa: E402
+from fastdraft_ray.ray_runtime import init_ray  # noqa: E402
 
 
 def _arguments(parser) -> None:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 
-from fastdraft_ray.cli import init_ray, parse_job_args, setup_logging
+from fastdraft_ray.cli import parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
-from fastdraft_ray.data.prepare import default_output, prepare
+from fastdraft_ray.data.prepare import prepare
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.ray_runtime import init_ray
 
 
 def _arguments(parser) -> None:
@@ -28,7 +30,7 @@ def main() -> dict:
     if args.stage:
         cfg = stage_config(cfg, args.stage)
     init_ray()
-    out = default_output(cfg.run_dir, cfg.data)
+    out = str(RunLayout.of(cfg).data(cfg.data))
     manifest = prepare(cfg.data, cfg.model.target, out, trust_remote_code=cfg.model.trust_remote_code)
     summary = {
         "output": out,

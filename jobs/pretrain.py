@@ -17,9 +17,8 @@ from pathlib import Path
 
 from fastdraft_ray.cli import parse_job_args, setup_logging
 from fastdraft_ray.config import stage_config
-from fastdraft_ray.data.prepare import default_output
-from fastdraft_ray.pipeline.stages import init_source
-from fastdraft_ray.train.run import completed_record, run_stage_job, stage_dir
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.train.run import completed_record, init_source, run_stage_job
 
 log = logging.getLogger("pretrain")
 
@@ -36,7 +35,8 @@ def main() -> None:
     cfg, args = parse_job_args(__doc__, add_arguments=_arguments)
     setup_logging()
     cfg = stage_config(cfg, args.stage)
-    data_dir = args.data or default_output(cfg.run_dir, cfg.data)
+    layout = RunLayout.of(cfg)
+    data_dir = args.data or str(layout.data(cfg.data))
     init_from = args.init_from or init_source(cfg, args.stage)
     if args.stage == "cp" and not Path(init_from, "config.json").exists():
         raise SystemExit(
@@ -46,7 +46,7 @@ def main() -> None:
     done = completed_record(cfg)
     if done is not None:
         print(
-            f"stage {args.stage} already done: {stage_dir(cfg)}/DONE.json; metrics {json.dumps(done['metrics'])}"
+            f"stage {args.stage} already done: {layout.stage(args.stage).done}; metrics {json.dumps(done['metrics'])}"
         )
         return
     run_stage_job(cfg, data_dir, init_from)

@@ -1,5 +1,7 @@
 """Typed configs: YAML recipes, dotted overrides, strict validation, per-stage overrides."""
 
+import re
+
 import pytest
 
 from fastdraft_ray.config import (
@@ -115,3 +117,35 @@ def test_command_line_keys_win_over_stage_sections_and_stage_keys_stay_dotted():
     assert stage_config(cfg, "pt").train.lr != 0.002
     plain = load_config("cpu_default")
     assert stage_config(plain, "pt").train.token_budget != stage_config(plain, "cp").train.token_budget
+
+
+@pytest.mark.parametrize(
+    "override, valid",
+    [
+        ("evaluate.gamma_policy=fastest", "'constant', 'confidence', 'heuristic', 'cost'"),
+        ("train.kd_loss=mse", "'ce', 'kl', 'tvd', 'ce_kl', 'ce_tvd'"),
+        ("draft.init=zeros", "'random', 'pca', 'layers'"),
+        ("generate.backend=tgi", "'hf', 'vllm'"),
+        ("serve.precision=int4", "'', 'fp32', 'bf16', 'fp16', 'int8'"),
+        ("stages.ft.train.kd_loss=mse", "'ce', 'kl'"),
+    ],
+)
+def test_a_bad_choice_fails_at_load_time_naming_the_valid_values(override, valid):
+    with pytest.raises(ConfigError, match=re.escape(valid)):
+        load_config("cpu_quick", [override])
+
+
+def test_check_choices_catches_a_section_built_in_code():
+    from fastdraft_ray.config import EvaluateConfig, check_choices
+
+    check_choices(EvaluateConfig())
+    with pytest.raises(ConfigError, match="evaluate.gamma_policy: 'fastest' is not one of"):
+        check_choices(EvaluateConfig(gamma_policy="fastest"), "evaluate.")
+
+
+def test_evaluate_and_serve_share_the_decode_section():
+    from fastdraft_ray.config import DecodeConfig
+
+    cfg = load_config("cpu_quick", ["evaluate.gamma=2", "serve.gamma_policy=cost"])
+    assert isinstance(cfg.evaluate, DecodeConfig) and isinstance(cfg.serve, DecodeConfig)
+    assert cfg.evaluate.gamma == 2 and cfg.serve.gamma_policy == "cost"

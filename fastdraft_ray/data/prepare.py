@@ -5,7 +5,7 @@ token quotas (:mod:`.mixture`). Ray Data reads units in parallel tasks (dropping
 documents reserved for evaluation and hashing each text) and tokenizes them in an actor pool
 (``map_batches``), with ``preserve_order`` so the stream order is a pure function of the inputs and config.
 The driver consumes that stream: it enforces quotas, drops reserved and duplicate documents (exact text
-hash), routes documents to train/val, packs rows of ``seq_len + 1`` ids and writes shards.
+hash), routes documents to train/val, packs rows of ``seq_len + 1`` ids and writes shards (:mod:`.progress`).
 
 Memory stays flat: the driver holds one shard of rows, the dedup set (8 bytes per document hash plus Python
 set overhead) and Ray's bounded streaming buffers. After every train shard the driver checkpoints its state
@@ -28,21 +28,24 @@ import pyarrow as pa
 
 from fastdraft_ray.config import DataConfig
 from fastdraft_ray.data import mixture, sources
-from fastdraft_ray.data.packing import Packer, ShardWriter
+from fastdraft_ray.data.progress import (
+    FLAG_EMPTY,
+    FLAG_OK,
+    FLAG_RESERVED,
+    Interrupted,
+    PrepareProgress,
+    read_json,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "fastdraft-ray/token-shards/v1"
-FLAG_OK, FLAG_RESERVED, FLAG_EMPTY = 0, 1, 2
 READ_CPUS = 0.25
 
 
 class PrepareError(RuntimeError):
     """The output folder cannot be used (it holds a different dataset) or the result would be unusable."""
-
-
-class _Interrupted(Exception):
-    """Raised by the ``stop_after_shards`` hook (tests simulate a crash after a checkpoint)."""
 
 
 # ---------------------------------------------------------------------------------------------- Ray stages
@@ -189,28 +192,6 @@ def _source_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _fs(path: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(path)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    fs, local = _fs(path)
-    fs.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-    with fs.open(local + ".part", "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-    fs.mv(local + ".part", local)
-
-
-def _read_json(path: str) -> dict | None:
-    fs, local = _fs(path)
-    if not fs.exists(local):
-        return None
-    with fs.open(local, "r") as fh:
-        return json.load(fh)
-
-
 def prepare(
     data: DataConfig,
     tokenizer_spec: str,
@@ -223,9 +204,8 @@ def prepare(
     """Prepare shards for ``data`` with the tokenizer of ``tokenizer_spec`` into ``out_dir``; return the manifest.
 
     Re-running with the same inputs returns the existing manifest, or resumes an interrupted run.
-    ``stop_after_shards`` interrupts after that many train shards (used to test resuming).
+    ``stop_after_shards`` interrupts after that many train shards (``progress.Interrupted``; tests resuming).
     """
-    import ray
     from tqdm.auto import tqdm
 
     from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
@@ -237,14 +217,14 @@ def prepare(
     tok = load_tokenizer(tokenizer_spec, trust_remote_code)
     if tok.eos_token_id is None:
         raise PrepareError(f"tokenizer of {tokenizer_spec} has no EOS token to separate documents")
-    tok_hash, row_len = tokenizer_fingerprint(tok), data.seq_len + 1
+    tok_hash = tokenizer_fingerprint(tok)
     names = list(data.sources)
     quota = mixture.quotas(names, data.weights, data.token_budget)
     units = {name: sources.plan_units(data.sources[name], seed=data.seed) for name in names}
     order = mixture.interleave(units, quota)
     fp = _fingerprint(data, tok_hash, order)
 
-    done = _read_json(f"{out_dir}/manifest.json")
+    done = read_json(f"{out_dir}/manifest.json")
     if done is not None:
         if done.get("fingerprint") == fp:
             log.info("%s is already prepared with these inputs; nothing to do", out_dir)
@@ -253,79 +233,74 @@ def prepare(
             f"{out_dir} already holds a prepared dataset made from different inputs or tokenizer; "
             "choose another data.output or delete the folder"
         )
-    state = _read_json(f"{out_dir}/.progress/state.json")
+    state = read_json(f"{out_dir}/.progress/state.json")
     if state is not None and state["fingerprint"] != fp:
         raise PrepareError(
             f"{out_dir} holds an interrupted prepare of different inputs; delete {out_dir}/.progress "
             "and its shards, or choose another data.output"
         )
+    if state is None:
+        run = PrepareProgress(out_dir, data, fp, quota, stop_after_shards)
+    else:
+        run = PrepareProgress.resume(out_dir, data, fp, quota, state, stop_after_shards=stop_after_shards)
+        log.info("resuming %s after %d train shards", out_dir, len(run.writers["train"].shards))
 
-    weights = {n: float(data.weights[n]) if data.weights else 1.0 for n in names}
-    tallies = {n: mixture.SourceTally(n, data.sources[n], weights[n], quota[n], data.val_fraction) for n in names}
-    packers = {s: Packer(row_len) for s in ("train", "val")}
-    writers = {s: ShardWriter(out_dir, s, data.rows_per_shard) for s in ("train", "val")}
-    seen: set[int] = set()
-    new_hashes: list[int] = []
-    replaced_files: Counter = Counter()
-    position = [0, -1]  # (unit pos, doc idx) of the last consumed document
-    if state is not None:
-        position = state["position"]
-        for n, t in state["tallies"].items():
-            tallies[n] = mixture.SourceTally(**t)
-        replaced_files.update(state["replaced_files"])
-        carry = np.load(f"{out_dir}/.progress/carry.npz")
-        for s in ("train", "val"):
-            packers[s] = Packer(row_len, carry[f"{s}_carry"], state["segments"][s])
-            packers[s].emitted.update(state["emitted"][s])
-            writers[s] = ShardWriter(out_dir, s, data.rows_per_shard, state["shards"][s], carry[f"{s}_pending"])
-        for k in range(state["checkpoint"] + 1):
-            seen.update(np.load(f"{out_dir}/.progress/seen-{k:05d}.npy").tolist())
-        log.info("resuming %s after %d train shards", out_dir, len(writers["train"].shards))
-    checkpoint = state["checkpoint"] if state else -1
-
-    def save_checkpoint() -> None:
-        nonlocal checkpoint, new_hashes
-        checkpoint += 1
-        fs, local = _fs(f"{out_dir}/.progress")
-        fs.makedirs(local, exist_ok=True)
-        with fs.open(f"{local}/seen-{checkpoint:05d}.npy", "wb") as fh:
-            np.save(fh, np.array(new_hashes, dtype=np.uint64))
-        with fs.open(f"{local}/carry.npz.part", "wb") as fh:
-            np.savez(
-                fh,
-                train_carry=packers["train"].carry(),
-                val_carry=packers["val"].carry(),
-                train_pending=writers["train"].pending_array(row_len),
-                val_pending=writers["val"].pending_array(row_len),
-            )
-        fs.mv(f"{local}/carry.npz.part", f"{local}/carry.npz")
-        new_hashes = []
-        _write_json(
-            f"{out_dir}/.progress/state.json",
-            {
-                "fingerprint": fp,
-                "checkpoint": checkpoint,
-                "position": position,
-                "tallies": {n: t.to_dict() for n, t in tallies.items()},
-                "replaced_files": dict(replaced_files),
-                "segments": {s: packers[s].segments for s in packers},
-                "emitted": {s: dict(packers[s].emitted) for s in packers},
-                "shards": {s: writers[s].shards for s in writers},
-            },
-        )
-
-    if not ray.is_initialized():
-        ray.init()
-    start = [(p, name, unit) for p, (name, unit) in enumerate(order) if p >= position[0]]
     items = [
         {
             "pos": p,
             "src": names.index(name),
             "unit": json.dumps(unit),
-            "skip": position[1] + 1 if p == position[0] else 0,
+            "skip": run.position[1] + 1 if p == run.position[0] else 0,
         }
-        for p, name, unit in start
+        for p, (name, unit) in enumerate(order)
+        if p >= run.position[0]
     ]
+    bar = tqdm(
+        total=data.token_budget,
+        initial=run.tokens_taken,
+        unit="tok",
+        unit_scale=True,
+        desc=f"prepare {os.path.basename(out_dir)}",
+        disable=not progress,
+    )
+    unit_paths = [unit["path"] for _, unit in order]
+    received = [0, 0]  # documents and tokens that came out of the tokenizer pool (this run)
+    try:
+        stream = _tokenized_stream(items, data, tok, tokenizer_spec, trust_remote_code) if items else []
+        for batch in stream:
+            received[0] += batch.num_rows
+            ids = batch.column("ids").combine_chunks().offsets.to_numpy()
+            received[1] += int(ids[-1] - ids[0])
+            run.consume(batch, unit_paths, bar.update)
+            if run.quotas_met:
+                break
+    except Interrupted:
+        raise
+    except Exception as exc:
+        err = _source_error(exc)
+        if err is not None:
+            raise sources.SourceError(str(err)) from None
+        raise
+    finally:
+        bar.close()
+    _check_sources(run, log)
+    tail = {s: dict(Counter(dict((src, n) for src, n in run.packers[s].segments))) for s in run.packers}
+    run.finish()
+    if not run.writers["val"].shards and data.val_fraction > 0:
+        log.warning("validation split is empty: raise data.val_fraction or data.token_budget")
+    manifest = _manifest(run, tok, tokenizer_spec, tok_hash, tail, received, time.time() - t0)
+    write_json(f"{out_dir}/manifest.json", manifest)
+    run.clear()
+    return manifest
+
+
+def _tokenized_stream(items: list[dict], data: DataConfig, tok, tokenizer_spec: str, trust_remote_code: bool):
+    """The Ray Data graph: read units (tasks) -> tokenize (actor pool), in order, bounded ahead of the driver;
+    yields pyarrow batches."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actors = max(1, data.num_tokenizer_actors)
     actor_cpus = max(0.05, min(data.tokenizer_actor_cpus, (cpus - 2 * READ_CPUS) / actors))
@@ -348,73 +323,12 @@ def prepare(
     ds.context.execution_options.resource_limits = ds.context.execution_options.resource_limits.copy(
         object_store_memory=data.max_buffer_mb * 1024 * 1024
     )
+    return ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
 
-    bar = tqdm(
-        total=data.token_budget,
-        initial=sum(t.taken for t in tallies.values()),
-        unit="tok",
-        unit_scale=True,
-        desc=f"prepare {os.path.basename(out_dir)}",
-        disable=not progress,
-    )
-    unit_paths = [unit["path"] for _, unit in order]
-    shards_this_run = 0
-    received = [0, 0]  # documents and tokens that came out of the tokenizer pool (this run)
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2) if items else []:
-            cols = {
-                c: batch.column(c).to_numpy(zero_copy_only=False)
-                for c in ("src", "pos", "idx", "flag", "hash", "replaced")
-            }
-            ids_col = batch.column("ids").combine_chunks()
-            offsets, values = ids_col.offsets.to_numpy(), ids_col.values.to_numpy(zero_copy_only=False)
-            received[0] += len(cols["pos"])
-            received[1] += int(offsets[-1] - offsets[0])
-            for i in range(len(cols["pos"])):
-                position = [int(cols["pos"][i]), int(cols["idx"][i])]
-                tally = tallies[names[cols["src"][i]]]
-                if tally.full:
-                    continue
-                tally.seen_documents += 1
-                if cols["replaced"][i]:
-                    tally.replaced_bytes += int(cols["replaced"][i])
-                    replaced_files[unit_paths[position[0]]] += int(cols["replaced"][i])
-                flag = cols["flag"][i]
-                if flag != FLAG_OK:
-                    tally.dropped["reserved_for_eval" if flag == FLAG_RESERVED else "empty"] += 1
-                    continue
-                h = int(cols["hash"][i])
-                if data.dedup:
-                    if h in seen:
-                        tally.dropped["duplicate"] += 1
-                        continue
-                    seen.add(h)
-                    new_hashes.append(h)
-                doc = values[offsets[i] : offsets[i + 1]]
-                keep, split = tally.take(len(doc))
-                if keep < len(doc):
-                    doc = np.append(doc[: keep - 1], doc[-1]) if keep > 1 else doc[-1:][:keep]
-                packers[split].add(doc, tally.name)
-                bar.update(keep)
-                wrote = writers[split].add(packers[split].pop_rows())
-                if wrote and split == "train":
-                    save_checkpoint()
-                    shards_this_run += wrote
-                    if stop_after_shards is not None and shards_this_run >= stop_after_shards:
-                        raise _Interrupted(f"stopped after {shards_this_run} shards")
-            if all(t.full for t in tallies.values()):
-                break
-    except _Interrupted:
-        raise
-    except Exception as exc:
-        err = _source_error(exc)
-        if err is not None:
-            raise sources.SourceError(str(err)) from None
-        raise
-    finally:
-        bar.close()
 
-    for name, t in tallies.items():
+def _check_sources(run: PrepareProgress, logger) -> None:
+    """An empty source is an error; one that ran out before its quota, or had invalid UTF-8, a warning."""
+    for name, t in run.tallies.items():
         if t.taken == 0:
             raise sources.SourceError(
                 f"source {name!r} ({t.spec}) is empty: no usable documents (read {t.seen_documents}; dropped "
@@ -422,21 +336,22 @@ def prepare(
                 f"{t.dropped['empty']} empty)"
             )
         if t.taken < t.quota:
-            log.warning(
+            logger.warning(
                 "source %r ran out after %d of its %d tokens: proportions will differ from the weights",
                 name,
                 t.taken,
                 t.quota,
             )
-    for path, n in sorted(replaced_files.items()):
-        log.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, n)
-    tail = {s: dict(Counter(dict((src, n) for src, n in packers[s].segments))) for s in packers}
-    for s in writers:
-        writers[s].flush()
-    if not writers["val"].shards and data.val_fraction > 0:
-        log.warning("validation split is empty: raise data.val_fraction or data.token_budget")
-    split_tokens = {s: dict(packers[s].emitted) for s in packers}
-    manifest = {
+    for path, n in sorted(run.replaced_files.items()):
+        logger.warning("%s: %d bytes were not valid UTF-8 and were replaced by U+FFFD", path, n)
+
+
+def _manifest(run: PrepareProgress, tok, tokenizer_spec: str, tok_hash: str, tail, received, seconds) -> dict:
+    """``manifest.json`` of a finished prepare (the file contract in DESIGN.md)."""
+    data, writers, row_len = run.data, run.writers, run.row_len
+    split_tokens = {s: dict(run.packers[s].emitted) for s in run.packers}
+    rows = {s: sum(x["rows"] for x in writers[s].shards) for s in writers}
+    return {
         "format": FORMAT,
         "tokenizer": tokenizer_spec,
         "tokenizer_name_or_path": str(tok.name_or_path),
@@ -447,38 +362,28 @@ def prepare(
         "row_len": row_len,
         "column": "input_ids",
         "dtype": "int32",
-        "rows": {s: sum(x["rows"] for x in writers[s].shards) for s in writers},
-        "tokens": {s: sum(x["rows"] for x in writers[s].shards) * row_len for s in writers},
+        "rows": rows,
+        "tokens": {s: rows[s] * row_len for s in writers},
         "splits": {
             s: {
-                "rows": sum(x["rows"] for x in writers[s].shards),
-                "tokens": sum(x["rows"] for x in writers[s].shards) * row_len,
-                "documents": sum(t.documents[s] for t in tallies.values()),
+                "rows": rows[s],
+                "tokens": rows[s] * row_len,
+                "documents": sum(t.documents[s] for t in run.tallies.values()),
                 "shards": writers[s].shards,
             }
             for s in writers
         },
         "token_budget": data.token_budget,
-        "weights": weights,
-        "sources": mixture.achieved(list(tallies.values()), split_tokens),
+        "weights": run.weights,
+        "sources": mixture.achieved(list(run.tallies.values()), split_tokens),
         "dropped": {
-            k: sum(t.dropped[k] for t in tallies.values()) for k in ("reserved_for_eval", "duplicate", "empty")
+            k: sum(t.dropped[k] for t in run.tallies.values()) for k in ("reserved_for_eval", "duplicate", "empty")
         },
         "dropped_tail_tokens": {s: sum(tail[s].values()) for s in tail},
-        "replaced_bytes": dict(replaced_files),
+        "replaced_bytes": dict(run.replaced_files),
         "received_this_run": {"documents": received[0], "tokens": received[1]},
-        "fingerprint": fp,
+        "fingerprint": run.fp,
         "config": asdict(data),
-        "wall_time_s": round(time.time() - t0, 2),
+        "wall_time_s": round(seconds, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_json(f"{out_dir}/manifest.json", manifest)
-    fs, local = _fs(f"{out_dir}/.progress")
-    if fs.exists(local):
-        fs.rm(local, recursive=True)
-    return manifest
-
-
-def default_output(run_dir: str, data: DataConfig) -> str:
-    """``data.output`` or ``<run_dir>/data/<data.name>``."""
-    return data.output or f"{run_dir.rstrip('/')}/data/{data.name}"

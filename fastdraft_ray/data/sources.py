@@ -331,7 +331,7 @@ def read_unit(unit: dict, skip: int = 0) -> Iterator[Document]:
         raise SourceError(f"cannot read {unit['path']}: {type(exc).__name__}: {exc}") from None
 
 
-def _open(path: str):
+def open_binary(path: str):
     """Binary file object, transparently decompressed (.gz/.bz2/.xz via fsspec, .zst via zstandard)."""
     import fsspec
 
@@ -365,7 +365,7 @@ def _read_parquet(unit: dict) -> Iterator[Document]:
 
 def _lines(unit: dict) -> Iterator[tuple[int, bytes]]:
     """``(byte_offset, line)`` for the lines that start inside the unit's byte range."""
-    with _open(unit["path"]) as fh:
+    with open_binary(unit["path"]) as fh:
         start, end = unit["range"] or (0, None)
         pos = start
         if start > 0:
@@ -396,7 +396,7 @@ def _read_jsonl(unit: dict) -> Iterator[Document]:
 
 
 def _read_json(unit: dict) -> Iterator[Document]:
-    with _open(unit["path"]) as fh:
+    with open_binary(unit["path"]) as fh:
         head = fh.read(1 << 16)
         rest = fh.read()  # small JSON files; big ones are JSON lines or arrays streamed below
     if not head.lstrip().startswith(b"["):
@@ -421,7 +421,7 @@ def _read_txt(unit: dict) -> Iterator[Document]:
             text, replaced = decode(raw)
             yield Document(text.strip(), f"{unit['path']}:{offset}", None, replaced)
         return
-    with _open(unit["path"]) as fh:
+    with open_binary(unit["path"]) as fh:
         text, replaced = decode(fh.read())
     if unit["split_by"] == "file":
         yield Document(text, unit["path"], None, replaced)

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from fastdraft_ray.config import RunConfig
 from fastdraft_ray.data.packing import ShardWriter
+from fastdraft_ray.layout import KDLayout
 from fastdraft_ray.train.kd_rows import FORMAT, RowLayout
 
 
@@ -142,3 +144,33 @@ def build_ft_rows(
     }
     manifest_path.write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def kd_topk(kd_dir: Path) -> int:
+    """k of the top-k log-probs stored in a KD folder (0 if it has none)."""
+    files = KDLayout(Path(kd_dir)).response_files()
+    if not files or "topk_ids" not in pq.read_schema(files[0]).names:
+        return 0
+    first = pq.read_table(files[0], columns=["topk_ids"]).column("topk_ids").to_pylist()
+    return next((len(r[0]) for r in first if r), 0)
+
+
+def build_ft_data(cfg: RunConfig, kd_dir: Path, data_dir: str | Path) -> dict:
+    """FT row shards from the KD folder (``cfg`` with the ``ft`` stage applied); returns their manifest."""
+    from fastdraft_ray.models.target import load_tokenizer
+
+    if not KDLayout(Path(kd_dir)).done.exists():
+        raise FileNotFoundError(
+            f"no finished KD data in {kd_dir}: run the generate stage (jobs/generate.py) first"
+        )
+    return build_ft_rows(
+        kd_dir,
+        data_dir,
+        load_tokenizer(cfg.model.target, cfg.model.trust_remote_code),
+        seq_len=cfg.data.seq_len,
+        topk=kd_topk(kd_dir) if cfg.train.kd_loss != "ce" else 0,
+        responses=cfg.train.ft_responses,
+        val_fraction=cfg.data.val_fraction,
+        rows_per_shard=cfg.data.rows_per_shard,
+        seed=cfg.data.seed,
+    )

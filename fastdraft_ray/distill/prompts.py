@@ -9,7 +9,7 @@ Sources (``generate.prompt_sources``: name -> spec):
   Evol-Instruct 70k; ``conversations``/``messages`` turns as in Evol-Instruct V2 and ShareGPT; OIG's
   ``<human>: ... <bot>: ...`` text. E.g. ``hub:tatsu-lab/alpaca``, ``hub:databricks/databricks-dolly-15k``,
   ``hub:laion/OIG``, ``hub:WizardLMTeam/WizardLM_evol_instruct_V2_196k`` (need a hub).
-* ``task:<family>`` -- prompts shaped exactly like an evaluation family's (:mod:`fastdraft_ray.evaluate.tasks`:
+* ``task:<family>`` -- prompts shaped exactly like an evaluation family's (:mod:`fastdraft_ray.data.tasks`:
   summarization, story, instruction, code) from the *training* side of the same sources; ``task:code`` prompts
   are raw completions (HumanEval-style, no chat template), like the evaluation's.
 * ``functions:<spec>`` -- raw-completion code prompts: every documented Python function of the code documents
@@ -18,7 +18,7 @@ Sources (``generate.prompt_sources``: name -> spec):
 * any other spec :func:`fastdraft_ray.data.sources.iter_documents` reads: chat records (``?messages=``; first
   user turn + first assistant reply) or plain text (the text is the instruction; no reference response).
 
-**Never an evaluation prompt.** The evaluation harness (:mod:`fastdraft_ray.evaluate.tasks`) draws an alpaca item
+**Never an evaluation prompt.** The evaluation harness (:mod:`fastdraft_ray.data.tasks`) draws an alpaca item
 when BOTH its instruction and instruction + input are reserved
 (:func:`~fastdraft_ray.data.holdout.is_reserved_for_eval`), a ShareGPT item when its first human turn is. Here an item is dropped when ANY of those texts (or the final
 user message) is reserved -- a superset of what evaluation can use, so KD prompts and evaluation prompts are
@@ -36,7 +36,10 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from fastdraft_ray import assets
+from fastdraft_ray.data import tasks
 from fastdraft_ray.data.holdout import is_reserved_for_eval, normalise
+from fastdraft_ray.data.sources import open_binary
+from fastdraft_ray.models.prompting import encode_prompt
 
 ALPACA_DEMO = "llamafactory-0.9.5/data/alpaca_en_demo.json"
 _INSTRUCTION_KEYS = ("instruction", "prompt", "question")
@@ -126,9 +129,7 @@ def _read_alpaca(location: str) -> Iterator[_Raw]:
             ) from None
         yield from _alpaca_records(rows, location)
         return
-    from fastdraft_ray.data.sources import _open
-
-    with _open(location) as fh:
+    with open_binary(location) as fh:
         text = fh.read().decode("utf-8", errors="replace")
     stripped = text.lstrip()
     try:
@@ -163,8 +164,6 @@ def _read_documents(spec: str) -> Iterator[_Raw]:
 
 
 def _task_items(family: str, tokenizer) -> Iterator[_Raw]:
-    from fastdraft_ray.evaluate import tasks
-
     if family not in tasks.TASKS:
         raise PromptError(f"task:{family}: unknown task family; choose from {', '.join(tasks.TASKS)}")
     for item_id, raw, hashed in tasks.training_items(family):
@@ -225,17 +224,6 @@ def read_source(spec: str, tokenizer=None) -> Iterator[_Raw]:
         yield from _read_alpaca(spec)
     else:
         yield from _read_documents(spec)
-
-
-def encode_prompt(tokenizer, message: str, chat: bool = True) -> list[int]:
-    """``message`` as one user turn under the tokenizer's chat template, generation prompt appended (``chat=False``
-    or no template: the plain text with the tokenizer's special tokens)."""
-    if not chat or not getattr(tokenizer, "chat_template", None):
-        return list(tokenizer(message, add_special_tokens=True)["input_ids"])
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def usable(raw: _Raw, min_chars: int) -> bool:

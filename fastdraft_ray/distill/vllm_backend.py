@@ -35,7 +35,7 @@ def run_vllm_units(cfg, units: list[dict]) -> None:
     import ray
     from ray.data.llm import build_llm_processor, vLLMEngineProcessorConfig
 
-    from fastdraft_ray.distill.generate import _write_atomic
+    from fastdraft_ray.distill.actor import write_atomic
     from fastdraft_ray.models.target import resolve_target
 
     _check_available(cfg)
@@ -92,4 +92,4 @@ def run_vllm_units(cfg, units: list[dict]) -> None:
                 }
             )
             Path(u["path"]).parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(table, u["path"])
+            write_atomic(table, u["path"])

@@ -13,7 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from fastdraft_ray.evaluate.run import ALL, TABLE_METRICS, EvalResults
+from fastdraft_ray.evaluate.metrics import ALL, TABLE_METRICS, EvalResults
+from fastdraft_ray.layout import done_file, is_url
 
 LABELS = {
     "acceptance_rate": "α",
@@ -153,15 +154,14 @@ def _write_local(results: EvalResults, out: Path, config: dict | None) -> None:
         "wall_time_s": results.wall_time_s,
         "inputs": {"target": results.target, "drafts": [d.path for d in results.drafts]},
     }
-    (out / "DONE.json").write_text(json.dumps(done, indent=1))
+    done_file(out).write_text(json.dumps(done, indent=1))
 
 
-def write_report(results: EvalResults, run_dir: str, config: dict | None = None) -> str:
-    """Write every report file to ``<run_dir>/eval/`` and return that location."""
-    dest = f"{run_dir.rstrip('/')}/eval"
-    if "://" not in run_dir:
+def write_report(results: EvalResults, dest: str | Path, config: dict | None = None) -> str:
+    """Write every report file to ``dest`` (``RunLayout.eval_dir``: a folder or an fsspec URL); returns it."""
+    if isinstance(dest, Path) or not is_url(dest):
         _write_local(results, Path(dest), config)
-        return dest
+        return str(dest)
     import pyarrow.fs
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from fastdraft_ray.layout import KDLayout
 from fastdraft_ray.models.trimmed_head import TrimmedLMHead, trimmed_config, trimmed_head
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def token_counts(source: str | Path, vocab_size: int, max_tokens: int = 50_000_0
         files = [root / s["file"] for s in manifest["splits"]["train"]["shards"]]
         ids_width = manifest["kd_layout"]["seq_len"] + 1 if manifest.get("kd_layout") else None
     else:
-        files = sorted(root.glob("responses/*/part-*.parquet"))
+        files = KDLayout(root).response_files()
         column, ids_width = "response_ids", None
     if not files:
         raise FileNotFoundError(

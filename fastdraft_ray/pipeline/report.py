@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 
 from fastdraft_ray.config import RunConfig
+from fastdraft_ray.evaluate.metrics import ALL, EvalResults
 from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT, PaperResult
-from fastdraft_ray.evaluate.run import ALL, EvalResults
+from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
 from fastdraft_ray.pipeline.stages import LABELS
 
 STAGE_LABELS = {"pt": "PT", "cp": "PT→CP", "ft": "PT→CP→FT"}
@@ -47,9 +48,9 @@ CSV_FIELDS = (
 )
 
 
-def load_results(run_dir: str | Path) -> EvalResults:
+def load_results(layout: RunLayout) -> EvalResults:
     """The evaluate stage's results (``<run_dir>/eval/results.json``)."""
-    return EvalResults.from_dict(json.loads((Path(run_dir) / "eval" / "results.json").read_text()))
+    return EvalResults.from_dict(json.loads((Path(layout.eval_dir) / "results.json").read_text()))
 
 
 def _params(n: int) -> str:
@@ -258,10 +259,10 @@ def write_pipeline_report(
     cfg: RunConfig, outcomes, records: dict, paper: PaperResult = FASTDRAFT_PHI3_50M_FT
 ) -> tuple[str, str]:
     """Write ``<run_dir>/report/`` from the evaluation results; returns (path of report.md, console summary)."""
-    run_dir = Path(cfg.run_dir)
-    out = run_dir / "report"
+    layout = RunLayout.of(cfg)
+    out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = load_results(run_dir)
+    results = load_results(layout)
     mode = main_mode(results)
     (out / "report.md").write_text(_markdown(cfg, results, outcomes, records, paper))
     with open(out / "results.csv", "w", newline="") as fh:
@@ -269,8 +270,8 @@ def write_pipeline_report(
         writer.writeheader()
         writer.writerows(_csv_rows(results, paper))
     plot_acceptance(results, mode, paper, out / "acceptance.png")
-    if any((run_dir / s / "tb").exists() for s in ("pt", "cp", "ft")):
+    if any(layout.stage(s).tensorboard.exists() for s in TRAINING_STAGES):
         from fastdraft_ray.train.curves import plot_loss_curves
 
-        plot_loss_curves(run_dir, out / "loss_curve.png")
+        plot_loss_curves(layout, out / "loss_curve.png")
     return str(out / "report.md"), console_summary(results, paper)

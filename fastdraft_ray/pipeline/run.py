@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastdraft_ray.config import RunConfig
+from fastdraft_ray.layout import LayoutError, RunLayout
 from fastdraft_ray.pipeline.stages import (
     GROUPS,
     NOT_AVAILABLE,
@@ -40,8 +41,7 @@ from fastdraft_ray.pipeline.stages import (
     changed_keys,
     output_fingerprint,
 )
-
-RECORD = "pipeline.json"
+from fastdraft_ray.ray_runtime import local_ray_cpus
 
 
 @dataclass
@@ -77,10 +77,10 @@ class PipelineResult:
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """``cfg`` with an absolute local storage path (the pipeline writes through the local filesystem: a local
     disk, or NFS shared by every node)."""
-    if "://" in cfg.storage:
-        raise PipelineError(
-            f"storage={cfg.storage!r}: the pipeline needs a filesystem path (local disk, or NFS mounted on every node)"
-        )
+    try:
+        RunLayout.of(cfg).require_local("the pipeline")
+    except LayoutError as exc:
+        raise PipelineError(str(exc)) from None
     return dataclasses.replace(cfg, storage=str(Path(cfg.storage).expanduser().resolve()))
 
 
@@ -106,29 +106,26 @@ def _forced(cfg: RunConfig) -> set[str]:
 def local_ray_resources(cfg: RunConfig) -> dict:
     """``ray.init`` arguments when no cluster is given: logical CPUs enough for the training workers plus one for
     Ray Data's reads, and for the generation actors."""
-    if os.environ.get("RAY_ADDRESS"):
-        return {}
-    need = max(
-        cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
-        cfg.generate.num_actors * cfg.generate.cpus_per_actor,
-        (os.cpu_count() or 1) + 1,
+    return local_ray_cpus(
+        max(
+            cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
+            cfg.generate.num_actors * cfg.generate.cpus_per_actor,
+        )
     )
-    return {"num_cpus": need}
 
 
 # --------------------------------------------------------------------------------------------- records
 
 
-def _read_records(run_dir: Path) -> dict:
-    path = run_dir / RECORD
+def _read_records(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"stages": {}}
 
 
-def _write_records(run_dir: Path, records: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{RECORD}.part"
+def _write_records(path: Path, records: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.part")
     tmp.write_text(json.dumps(records, indent=1, default=str))
-    os.replace(tmp, run_dir / RECORD)
+    os.replace(tmp, path)
 
 
 def fingerprint(settings: dict, inputs: dict) -> str:
@@ -212,9 +209,10 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> P
     """
     say = echo or (lambda line: print(f"[pipeline] {line}", flush=True))
     cfg = resolve_run(cfg)
-    run_dir = Path(cfg.run_dir)
+    layout = RunLayout.of(cfg)
+    run_dir, record_path = layout.require_local("the pipeline"), layout.pipeline_record
     selected, forced = selected_stages(cfg), _forced(cfg)
-    records = _read_records(run_dir)
+    records = _read_records(record_path)
     outcomes: list[StageOutcome] = []
     say(f"run directory {run_dir}; stages: {', '.join(selected)}")
     for name in ORDER:
@@ -230,9 +228,9 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> P
                 raise PipelineError(
                     f"{stage.label} needs the output of {upstream}, which is not finished: add it to pipeline.stages"
                 )
-        outcomes.append(_run_stage(stage, records, run_dir, inputs, name in forced, say))
+        outcomes.append(_run_stage(stage, records, record_path, inputs, name in forced, say))
     report = None
-    if (run_dir / "eval" / "results.json").exists():
+    if (Path(layout.eval_dir) / "results.json").exists():
         from fastdraft_ray.pipeline.report import write_pipeline_report
 
         report, text = write_pipeline_report(cfg, outcomes, records)
@@ -244,7 +242,7 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> P
 
 
 def _run_stage(
-    stage: Stage, records: dict, run_dir: Path, inputs: dict, forced: bool, say: Callable[[str], None]
+    stage: Stage, records: dict, record_path: Path, inputs: dict, forced: bool, say: Callable[[str], None]
 ) -> StageOutcome:
     record = records["stages"].get(stage.name)
     action, reason = decide(stage, record, inputs, forced)
@@ -252,7 +250,7 @@ def _run_stage(
     if action in ("skip", "adopt"):
         if action == "adopt":
             records["stages"][stage.name] = _record(stage, inputs, fp, "done", "adopted", 0.0, {})
-            _write_records(run_dir, records)
+            _write_records(record_path, records)
         say(f"{stage.label}: skipped ({reason})")
         return StageOutcome(stage.name, "skipped", reason)
     if action == "rerun":
@@ -265,7 +263,7 @@ def _run_stage(
     else:
         say(f"{stage.label}: started")
     records["stages"][stage.name] = _record(stage, inputs, fp, "running", action, 0.0, {})
-    _write_records(run_dir, records)
+    _write_records(record_path, records)
     started = time.time()
     try:
         summary = stage.run()
@@ -275,7 +273,7 @@ def _run_stage(
         raise
     elapsed = time.time() - started
     records["stages"][stage.name] = _record(stage, inputs, fp, "done", action, elapsed, summary)
-    _write_records(run_dir, records)
+    _write_records(record_path, records)
     say(f"{stage.label}: done in {_minutes(elapsed)}{' (' + _format_summary(summary) + ')' if summary else ''}")
     return StageOutcome(
         stage.name, {"start": "started", "resume": "resumed"}.get(action, action), reason, elapsed, summary
@@ -300,9 +298,8 @@ def plan(cfg: RunConfig) -> list[tuple[str, str, str]]:
     """What ``run_pipeline`` would do, without doing it: ``[(stage, action, reason)]``. A stage after one that
     will run is reported as ``after upstream`` (its inputs are not known yet)."""
     cfg = resolve_run(cfg)
-    run_dir = Path(cfg.run_dir)
     selected, forced = selected_stages(cfg), _forced(cfg)
-    records = _read_records(run_dir)
+    records = _read_records(RunLayout.of(cfg).pipeline_record)
     out, pending = [], set()
     for name in selected:
         stage = build_stage(name, cfg, list(cfg.pipeline.evaluate_drafts))

@@ -32,6 +32,8 @@ from fastdraft_ray.config import (
     to_dict,
     training_settings,
 )
+from fastdraft_ray.layout import RunLayout, done_file
+from fastdraft_ray.train.run import UPSTREAM_DRAFT, init_source
 
 ORDER = ("prepare/pt", "prepare/cp", "pt", "cp", "generate", "ft", "evaluate")
 GROUPS = {
@@ -55,8 +57,6 @@ NOT_AVAILABLE = {
     "search": "the architecture search stage (Ray Tune over draft depth x width) is not available yet; "
     "remove 'search' from pipeline.stages",
 }
-UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
-# Knobs that change how fast or where a stage runs, not its result: changing them does not re-run the stage.
 
 
 class PipelineError(RuntimeError):
@@ -116,49 +116,6 @@ def _load_old_config(data: dict) -> RunConfig | str:
         return f"its record's config no longer loads ({exc})"
 
 
-# ------------------------------------------------------------------------------------------ shared helpers
-
-
-def init_source(cfg: RunConfig, stage: str) -> str | None:
-    """The HF draft folder a training stage starts from: ``draft.init_from``, else the upstream stage's export
-    (CP from PT, FT from CP), else None (PT: a fresh draft derived from the target)."""
-    if cfg.draft.init_from:
-        return cfg.draft.init_from
-    upstream = UPSTREAM_DRAFT[stage]
-    return str(Path(cfg.run_dir).expanduser().resolve() / upstream / "export") if upstream else None
-
-
-def kd_topk(kd_dir: Path) -> int:
-    """k of the top-k log-probs stored in a KD folder (0 if it has none)."""
-    import pyarrow.parquet as pq
-
-    files = sorted(Path(kd_dir).glob("responses/*/part-*.parquet"))
-    if not files or "topk_ids" not in pq.read_schema(files[0]).names:
-        return 0
-    first = pq.read_table(files[0], columns=["topk_ids"]).column("topk_ids").to_pylist()
-    return next((len(r[0]) for r in first if r), 0)
-
-
-def build_ft_data(cfg: RunConfig, kd_dir: Path, data_dir: str | Path) -> dict:
-    """FT row shards from the KD folder (``cfg`` with the ``ft`` stage applied); returns their manifest."""
-    from fastdraft_ray.distill.ftdata import build_ft_rows
-    from fastdraft_ray.models.target import load_tokenizer
-
-    if not (Path(kd_dir) / "DONE.json").exists():
-        raise PipelineError(f"no finished KD data in {kd_dir}: run the generate stage (jobs/generate.py) first")
-    return build_ft_rows(
-        kd_dir,
-        data_dir,
-        load_tokenizer(cfg.model.target, cfg.model.trust_remote_code),
-        seq_len=cfg.data.seq_len,
-        topk=kd_topk(kd_dir) if cfg.train.kd_loss != "ce" else 0,
-        responses=cfg.train.ft_responses,
-        val_fraction=cfg.data.val_fraction,
-        rows_per_shard=cfg.data.rows_per_shard,
-        seed=cfg.data.seed,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ stages
 
 
@@ -177,19 +134,21 @@ def build_stage(name: str, cfg: RunConfig, evaluate_drafts: list[str] | None = N
 
 def _counted_data(cfg: RunConfig) -> list[str]:
     """The pipeline's prepared data sets (pt, cp) that ``draft.head_vocab_from`` names."""
-    from fastdraft_ray.train.run import head_vocab_sources
+    from fastdraft_ray.models.construct import head_vocab_sources
 
     if not cfg.draft.head_vocab:
         return []
-    data = Path(cfg.run_dir, "data")
-    return [src.name for src in head_vocab_sources(cfg) if src.parent == data and f"prepare/{src.name}" in ORDER]
+    layout = RunLayout.of(cfg)
+    return [
+        src.name
+        for src in head_vocab_sources(cfg)
+        if src == Path(layout.data(src.name)) and f"prepare/{src.name}" in ORDER
+    ]
 
 
 def _prepare(cfg: RunConfig, which: str) -> Stage:
-    from fastdraft_ray.data.prepare import default_output
-
     scfg = stage_config(cfg, which)
-    out = Path(default_output(cfg.run_dir, scfg.data))
+    out = Path(RunLayout.of(scfg).data(scfg.data))
     settings = {"target": cfg.model.target, "data": section_settings(scfg.data, "data")}
 
     def run() -> dict:
@@ -214,12 +173,10 @@ def _prepare(cfg: RunConfig, which: str) -> Stage:
 
 
 def _training(cfg: RunConfig, stage: str) -> Stage:
-    from fastdraft_ray.data.prepare import default_output
-    from fastdraft_ray.distill.generate import output_dir
-
     scfg = stage_config(cfg, stage)
-    sdir = Path(cfg.run_dir) / stage
-    data_dir = Path(default_output(cfg.run_dir, scfg.data))
+    layout = RunLayout.of(scfg)
+    paths = layout.stage(stage)
+    sdir, data_dir = paths.root, Path(layout.data(scfg.data))
     init_from = init_source(scfg, stage)
     settings = training_settings(scfg)
     if stage == "ft":
@@ -244,7 +201,9 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
             raise PipelineError(f"{stage.upper()} starts from {init_from}, which is not an HF draft folder")
         rows = None
         if stage == "ft":
-            rows = build_ft_data(scfg, output_dir(cfg), data_dir)["rows"]
+            from fastdraft_ray.distill.ftdata import build_ft_data
+
+            rows = build_ft_data(scfg, layout.kd.root, data_dir)["rows"]
         record = train_stage(scfg, str(data_dir), init_from=init_from)
         metrics = record["metrics"]
         return {
@@ -257,7 +216,7 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         }
 
     def adopt() -> str | None:
-        record = json.loads((sdir / "DONE.json").read_text())
+        record = json.loads(paths.done.read_text())
         old = _load_old_config(record.get("config", {}))
         if isinstance(old, str):
             return old
@@ -275,13 +234,12 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         resume = resume_position(sdir)
         return f"checkpoint at step {resume.step}" if resume else None
 
-    return Stage(stage, sdir / "DONE.json", folders, settings, inputs, run, adopt, unfinished)
+    return Stage(stage, paths.done, folders, settings, inputs, run, adopt, unfinished)
 
 
 def _generate(cfg: RunConfig) -> Stage:
-    from fastdraft_ray.distill.generate import output_dir
-
-    g, out = cfg.generate, output_dir(cfg)
+    g, kd = cfg.generate, RunLayout.of(cfg).kd
+    out = kd.root
     settings = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": section_settings(g, "generate")}
     inputs: tuple[str, ...] = ()
     if g.onpolicy_fraction > 0:  # on-policy rows are written by a draft
@@ -302,30 +260,31 @@ def _generate(cfg: RunConfig) -> Stage:
         return {"rows": record["rows"], "tokens": record["tokens"], "output": str(out)}
 
     def adopt() -> str | None:
-        have = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+        have = json.loads(kd.config.read_text()) if kd.config.exists() else {}
         have = {**have, "generate": section_settings(have.get("generate", {}), "generate")}
         return _differs(have, {k: v for k, v in settings.items() if k != "onpolicy_draft_sha256"})
 
     def unfinished() -> str | None:
-        parts = list(out.glob("responses/*/part-*.parquet")) + list(out.glob("magpie/part-*.parquet"))
+        parts = kd.response_files() + kd.magpie_files()
         return f"{len(parts)} finished work units" if parts else None
 
-    return Stage("generate", out / "DONE.json", (out,), settings, inputs, run, adopt, unfinished, adopt)
+    return Stage("generate", kd.done, (out,), settings, inputs, run, adopt, unfinished, adopt)
 
 
 def finished_drafts(cfg: RunConfig, stages: list[str]) -> dict[str, str]:
     """``{stage: export folder}`` for the training stages in ``stages`` that finished (DONE.json + export)."""
-    root = Path(cfg.run_dir)
+    layout = RunLayout.of(cfg)
     return {
-        s: str(root / s / "export")
+        s: str(layout.stage(s).export)
         for s in stages
-        if (root / s / "DONE.json").exists() and (root / s / "export" / "config.json").exists()
+        if layout.stage(s).done.exists() and (layout.stage(s).export / "config.json").exists()
     }
 
 
 def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:
     drafts = finished_drafts(cfg, stages)
-    out = Path(cfg.run_dir) / "eval"
+    layout = RunLayout.of(cfg)
+    out = Path(layout.eval_dir)
     settings = {
         "model": to_dict(cfg.model),
         "evaluate": section_settings(cfg.evaluate, "evaluate"),
@@ -342,10 +301,10 @@ def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:
             cfg, evaluate=dataclasses.replace(cfg.evaluate, drafts=list(drafts.values()))
         )
         results = evaluate(cfg.model, list(drafts.values()), run_cfg.evaluate)
-        write_report(results, cfg.run_dir, to_dict(run_cfg))
+        write_report(results, layout.eval_dir, to_dict(run_cfg))
         return {"drafts": list(drafts), "wall_time_s": round(results.wall_time_s, 1)}
 
     def adopt() -> str | None:
         return "evaluated outside the pipeline (its drafts may have changed since)"
 
-    return Stage("evaluate", out / "DONE.json", (out,), settings, tuple(drafts), run, adopt, lambda: None)
+    return Stage("evaluate", done_file(out), (out,), settings, tuple(drafts), run, adopt, lambda: None)

@@ -23,16 +23,17 @@ each other; ``first_divergence`` lets tests and benchmarks check that every dive
 
 from __future__ import annotations
 
-import inspect
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from fastdraft_ray.models.draft import check_compatible
 from fastdraft_ray.specdec import stats as S
 from fastdraft_ray.specdec.policy import GammaPolicy
+from fastdraft_ray.specdec.runner import CachedRunner
 from fastdraft_ray.specdec.sampling import (
     VerifyFn,
     check_sampling_args,
@@ -115,47 +116,27 @@ class DecodeResult:
     stats: DecodeStats
 
 
-class _Runner:
-    """One model with its KV cache: a forward call that appends to the cache and returns the last k logits.
+@dataclass
+class Step:
+    """What one decoding step emitted, as ``*_stream`` yields it: the new tokens (accepted draft tokens + the
+    target's correction or bonus token, cut after a stop token), this step's draft counts, and the running
+    counters of the whole generation so far (timings exclude the time the consumer spent between steps)."""
 
-    ``rollback=True`` (speculative decoding) checks after the first forward that the cache can be cropped and
-    makes sliding-window layers keep their states until the next ``crop``.
-    """
+    tokens: list[int]
+    proposed: int
+    accepted: int
+    finished: bool  # a stop token was emitted or max_new_tokens reached: the stream ends after this step
+    stats: DecodeStats
 
-    def __init__(self, model: PreTrainedModel, rollback: bool = True):
-        self.model = model
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.keep_logits = "logits_to_keep" in params
-        self.cache = DynamicCache(config=model.config)
-        self.device = next(model.parameters()).device
-        self.checked = not rollback
-        self.forwards = 0
-        self.seconds = 0.0
 
-    def __call__(self, ids: list[int] | torch.Tensor, keep: int = 1) -> torch.Tensor:
-        """Feed ``ids`` (1-D) after the cached positions; return the logits of the last ``keep`` positions."""
-        t0 = time.perf_counter()
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(1, -1)
-        kwargs = {self.cache_kw: self.cache, "use_cache": True}
-        if self.keep_logits:
-            kwargs["logits_to_keep"] = keep
-        logits = self.model(input_ids=ids, **kwargs).logits[0, -keep:]
-        if not self.checked:  # layers only know whether they can roll back once they hold something
-            self.checked = True
-            if not self.cache.is_croppable:
-                raise ValueError(
-                    f"{type(self.model).__name__} keeps a cache that cannot be rolled back (recurrent/linear "
-                    "attention layers): speculative decoding needs to crop rejected positions"
-                )
-            self.cache.activate_past_recording()  # sliding-window layers keep states until the next crop
-        self.forwards += 1
-        self.seconds += time.perf_counter() - t0
-        return logits
-
-    def crop(self, n: int) -> None:
-        """Drop the last ``n`` >= 0 cached positions (``crop(0)`` also trims sliding-window layers)."""
-        self.cache.crop(-n)
+def collect(steps: Iterator[Step]) -> DecodeResult:
+    """Run a stream to its end: every emitted token and the final counters."""
+    out: list[int] = []
+    stats = DecodeStats()
+    for step in steps:
+        out.extend(step.tokens)
+        stats = step.stats
+    return DecodeResult(out, stats)
 
 
 def _eos_set(eos_token_id: int | list[int] | None) -> frozenset[int]:
@@ -180,8 +161,22 @@ def _truncate_at_eos(tokens: list[int], eos: frozenset[int]) -> tuple[list[int],
     return tokens, False
 
 
+class _Clock:
+    """Wall time of a stream, paused while the consumer holds a yielded step."""
+
+    def __init__(self):
+        self.total, self.since = 0.0, time.perf_counter()
+
+    def pause(self) -> float:
+        self.total += time.perf_counter() - self.since
+        return self.total
+
+    def resume(self) -> None:
+        self.since = time.perf_counter()
+
+
 @torch.inference_mode()
-def speculative_generate(
+def speculative_stream(
     target: PreTrainedModel,
     draft: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -194,14 +189,15 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     policy: GammaPolicy | None = None,
     _verify: VerifyFn = verify_sampled,
-) -> DecodeResult:
+) -> Iterator[Step]:
     """Generate up to ``max_new_tokens`` tokens of ``target`` after ``input_ids`` (shape (1, n)), drafting with
-    ``draft``, losslessly.
+    ``draft``, losslessly, yielding each step's tokens as soon as the target has verified them.
 
     ``temperature`` 0 = greedy; otherwise sampling from softmax(logits / T) within the top-p nucleus, with all
     randomness from ``generator``. Generation stops after the first token in ``eos_token_id`` (included;
     ``None`` = never stop early) or at ``max_new_tokens``; the last step proposes fewer than ``gamma`` tokens
     when fewer are needed, so nothing is computed past the budget. ``_verify`` swaps the sampling rule (tests).
+    Closing the stream early (a client that went away) stops the generation: no further forward runs.
 
     ``policy`` (``specdec.policy``) chooses the number of draft tokens per step instead of the constant
     ``gamma`` (then ignored): a confidence stop, transformers' heuristic schedule, or a cost model that may
@@ -211,10 +207,10 @@ def speculative_generate(
     policy = policy if policy is not None else GammaPolicy(gamma)
     check_compatible(target, draft)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
-    t_run, d_run = _Runner(target), _Runner(draft)
+    t_run, d_run = CachedRunner(target), CachedRunner(draft)
     stats = DecodeStats()
-    out: list[int] = []
-    wall0 = time.perf_counter()
+    emitted_total = 0
+    clock = _Clock()
 
     if len(prompt) > 1:  # prefill everything but the last prompt token: it opens the first verify forward
         t_run(prompt[:-1])
@@ -222,8 +218,8 @@ def speculative_generate(
     last, pending = prompt[-1], list(prompt)
 
     confident = policy.needs_confidence
-    while len(out) < max_new_tokens:
-        g_max = min(policy.gamma(len(pending)), max_new_tokens - len(out) - 1)
+    while emitted_total < max_new_tokens:
+        g_max = min(policy.gamma(len(pending)), max_new_tokens - emitted_total - 1)
         drafted: list[int] = []
         q_rows: list[torch.Tensor] = []
         feed = pending
@@ -272,19 +268,25 @@ def speculative_generate(
         stats.proposed_per_step.append(g)
         policy.update(g, n)
         emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
-        out.extend(emitted)
-        if hit_eos:
-            break
+        emitted_total += len(emitted)
+        stats.new_tokens = emitted_total
+        stats.target_forwards, stats.target_time_s = t_run.forwards, t_run.seconds
+        stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
+        stats.wall_time_s = clock.pause()
+        finished = hit_eos or emitted_total >= max_new_tokens
+        yield Step(emitted, g, n, finished, stats)
+        if finished:
+            return
+        clock.resume()
 
-    stats.new_tokens = len(out)
-    stats.target_forwards, stats.target_time_s = t_run.forwards, t_run.seconds
-    stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
-    stats.wall_time_s = time.perf_counter() - wall0
-    return DecodeResult(out, stats)
+
+def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel, input_ids: torch.LongTensor, **kwargs):
+    """``speculative_stream`` run to its end: a ``DecodeResult`` (new tokens only, and the counters)."""
+    return collect(speculative_stream(target, draft, input_ids, **kwargs))
 
 
 @torch.inference_mode()
-def autoregressive_generate(
+def autoregressive_stream(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
     *,
@@ -293,25 +295,33 @@ def autoregressive_generate(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
-) -> DecodeResult:
+) -> Iterator[Step]:
     """Target-only baseline: one token per forward with a KV cache, the same sampling code and stopping rules
-    as ``speculative_generate``. ``stats.steps`` counts token-emitting forwards (the prefill emits the first)."""
+    as ``speculative_stream``, one ``Step`` per token. ``stats.steps`` counts token-emitting forwards (the prefill
+    emits the first)."""
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
-    run = _Runner(model, rollback=False)
-    out: list[int] = []
-    wall0 = time.perf_counter()
+    run = CachedRunner(model, rollback=False)
+    stats = DecodeStats()
+    clock = _Clock()
     feed = prompt
-    while len(out) < max_new_tokens:
+    while stats.new_tokens < max_new_tokens:
         logits = run(feed)[-1]
         tok = int(logits.argmax()) if greedy else sample(probs_from_logits(logits, temperature, top_p), generator)
-        out.append(tok)
         feed = [tok]
-        if tok in eos:
-            break
-    stats = DecodeStats(steps=len(out), target_forwards=run.forwards, new_tokens=len(out))
-    stats.target_time_s, stats.wall_time_s = run.seconds, time.perf_counter() - wall0
-    return DecodeResult(out, stats)
+        stats.steps = stats.new_tokens = stats.new_tokens + 1
+        stats.target_forwards, stats.target_time_s = run.forwards, run.seconds
+        stats.wall_time_s = clock.pause()
+        finished = tok in eos or stats.new_tokens >= max_new_tokens
+        yield Step([tok], 0, 0, finished, stats)
+        if finished:
+            return
+        clock.resume()
+
+
+def autoregressive_generate(model: PreTrainedModel, input_ids: torch.LongTensor, **kwargs) -> DecodeResult:
+    """``autoregressive_stream`` run to its end."""
+    return collect(autoregressive_stream(model, input_ids, **kwargs))
 
 
 @torch.inference_mode()

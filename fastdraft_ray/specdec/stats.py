@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fastdraft_ray.models.draft import param_bytes
+from fastdraft_ray.specdec.runner import CachedRunner
 
 # v[k - 1] = cost of scoring k tokens in one target forward / cost of one decode step (v[0] = 1)
 VerifyCurve = tuple[float, ...] | list[float]
@@ -170,9 +171,7 @@ def measure_forward_latencies(
         raise ValueError(f"input_ids must have shape (1, n), got {tuple(input_ids.shape)}")
     if not sizes or min(sizes) < 1 or repeats < 1:
         raise ValueError(f"sizes and repeats must be >= 1, got {sizes}, {repeats}")
-    from fastdraft_ray.specdec.decode import _Runner  # decode imports this module
-
-    run = _Runner(model)  # crops after every timed forward
+    run = CachedRunner(model)  # crops after every timed forward
     run(input_ids[0])
     times: dict[int, list[float]] = {k: [] for k in sizes}
     for i in range(warmup + repeats):

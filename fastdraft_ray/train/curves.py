@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
+
 
 def read_scalars(tb_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")) -> dict[str, list]:
     """``{tag: [(step, value), ...]}`` from one stage's TensorBoard folder (missing tags are empty)."""
@@ -15,9 +17,7 @@ def read_scalars(tb_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] if tag in present else [] for tag in tags}
 
 
-def plot_loss_curves(
-    run_dir: str | Path, out_png: str | Path, stages: tuple[str, ...] = ("pt", "cp", "ft")
-) -> Path:
+def plot_loss_curves(layout: RunLayout, out_png: str | Path, stages: tuple[str, ...] = TRAINING_STAGES) -> Path:
     """One figure, stages laid end to end on a tokens axis: train loss as lines, validation loss as markers."""
     import matplotlib
 
@@ -27,7 +27,7 @@ def plot_loss_curves(
     fig, ax = plt.subplots(figsize=(8, 4.5))
     offset = 0
     for stage in stages:
-        tb = Path(run_dir) / stage / "tb"
+        tb = layout.stage(stage).tensorboard
         if not tb.exists():
             continue
         scalars = read_scalars(tb, ("train/loss", "val/loss", "train/tokens_seen"))
@@ -45,7 +45,7 @@ def plot_loss_curves(
         ax.axvline(offset / 1e6, color="grey", lw=0.5)
     ax.set_xlabel("training tokens (millions, stages end to end)")
     ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(f"draft training: {Path(run_dir).name}")
+    ax.set_title(f"draft training: {Path(layout.root).name}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

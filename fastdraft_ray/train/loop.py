@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from fastdraft_ray.config import TrainConfig, config_from_dict
+from fastdraft_ray.layout import StageLayout
 from fastdraft_ray.train.losses import make_loss_fn
 from fastdraft_ray.train.position import DataPosition, Geometry, row_id
 
@@ -203,12 +204,12 @@ def train_fn_per_worker(config: dict) -> None:
     if checkpoint is not None:
         position, last_metrics = _restore(engine, checkpoint, geo)
     resumed_at = position.step
-    stage_dir = Path(config["stage_dir"])
+    stage = StageLayout(Path(config["stage_dir"]))
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(stage_dir / "tb"), purge_step=resumed_at + 1 if resumed_at else None)
+        writer = SummaryWriter(str(stage.tensorboard), purge_step=resumed_at + 1 if resumed_at else None)
         log.info(
             "rank 0: %d workers, %d steps of %d tokens, starting at step %d (row %d)",
             world,
@@ -280,7 +281,7 @@ def train_fn_per_worker(config: dict) -> None:
             "train/samples_seen": position.rows_consumed,
         }
         if step == total_steps:
-            _export(engine, config["init_dir"], stage_dir / "export", train, rank)
+            _export(engine, config["init_dir"], stage.export, train, rank)
         if step % train.checkpoint_every == 0 or step == total_steps:
             _save(engine, position, geo, metrics, rank)
         if (
@@ -293,6 +294,6 @@ def train_fn_per_worker(config: dict) -> None:
             time.sleep(float(fail_at.get("delay_s", 0)))
             os._exit(1)
     if resumed_at == total_steps:  # the final checkpoint exists: only make sure the export does too
-        _export(engine, config["init_dir"], stage_dir / "export", train, rank)
+        _export(engine, config["init_dir"], stage.export, train, rank)
     if writer is not None:
         writer.close()

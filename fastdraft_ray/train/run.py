@@ -17,26 +17,32 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import ConfigError, RunConfig, config_from_dict, to_dict, training_settings
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.models.construct import prepare_init
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
 log = logging.getLogger(__name__)
 STAGES = ("pt", "cp", "ft")
+UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
 
 
-def stage_dir(cfg: RunConfig, stage: str | None = None) -> Path:
-    """``<run_dir>/<stage>`` as an absolute path."""
-    return (Path(cfg.run_dir).expanduser() / (stage or cfg.train.stage)).resolve()
+def init_source(cfg: RunConfig, stage: str) -> str | None:
+    """The HF draft folder a training stage starts from: ``draft.init_from``, else the upstream stage's export
+    (CP from PT, FT from CP), else None (PT: a fresh draft derived from the target)."""
+    if cfg.draft.init_from:
+        return cfg.draft.init_from
+    upstream = UPSTREAM_DRAFT[stage]
+    return str(RunLayout.of(cfg).stage(upstream).export) if upstream else None
 
 
 def completed_record(cfg: RunConfig) -> dict | None:
     """The stage's DONE.json if it finished with this same config; raises if it finished with another one."""
-    done = stage_dir(cfg) / "DONE.json"
+    done = RunLayout.of(cfg).stage(cfg.train.stage).done
     if not done.exists():
         return None
     record = json.loads(done.read_text())
@@ -50,77 +56,6 @@ def completed_record(cfg: RunConfig) -> dict | None:
             "run_name (or delete that stage folder to retrain it)"
         )
     return record
-
-
-def prepare_init(cfg: RunConfig, out: Path, init_from: str | None, data_dir: str | None = None) -> Path:
-    """Write the stage's starting draft to ``out``: a copy of ``init_from`` or a fresh draft derived from the
-    target (``cfg.draft`` shape and ``init``, ``cfg.train.seed``), with the target's tokenizer. Idempotent.
-
-    ``cfg.draft.head_vocab > 0``: a fresh draft gets a trimmed head whose kept set is counted on
-    ``cfg.draft.head_vocab_from`` or else ``data_dir`` (the stage's shards); an ``init_from`` draft keeps its
-    kept set (CP/FT continue with PT's), and a full-head ``init_from`` draft is trimmed to that count's top K.
-    """
-    from fastdraft_ray.models.draft import check_compatible, load_draft, new_draft, save_draft
-    from fastdraft_ray.models.target import load_target, load_target_config, load_tokenizer
-    from fastdraft_ray.models.trimmed_head import trimmed_head
-    from fastdraft_ray.models.vocab import trim_draft
-
-    if (out / "config.json").exists():
-        return out
-    tokenizer = load_tokenizer(cfg.model.target, cfg.model.trust_remote_code)
-    target_config = load_target_config(cfg.model.target, cfg.model.trust_remote_code)
-    k = cfg.draft.head_vocab
-    if init_from:
-        draft = load_draft(init_from)
-        head = trimmed_head(draft)
-        if head is not None and k and k != head.head_vocab:
-            log.warning(
-                "%s has a %d-token head: keeping it (draft.head_vocab=%d ignored)", init_from, head.head_vocab, k
-            )
-        if head is None and k:
-            draft = trim_draft(draft, _kept_ids(cfg, data_dir, tokenizer, target_config))
-    else:
-        kept = _kept_ids(cfg, data_dir, tokenizer, target_config) if k else None
-        target_model = None
-        if cfg.draft.init != "random":
-            target_model = load_target(cfg.model.target, trust_remote_code=cfg.model.trust_remote_code)[0]
-        draft = new_draft(target_config, cfg.draft, seed=cfg.train.seed, kept_ids=kept, target_model=target_model)
-    check_compatible(target_config, draft)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_draft(draft, tokenizer, tmp)
-    tmp.rename(out)
-    return out
-
-
-def _kept_ids(cfg: RunConfig, data_dir: str | None, tokenizer, target_config):
-    """Kept token ids of a trimmed head: special tokens + the most frequent tokens of the counted data."""
-    from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_ids, token_counts
-
-    sources = head_vocab_sources(cfg, data_dir)
-    if not sources:
-        raise ValueError(
-            "draft.head_vocab > 0 needs token counts: set draft.head_vocab_from or pass the data folder"
-        )
-    missing = [str(source) for source in sources if not source.exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"draft.head_vocab counts tokens in {', '.join(missing)}, which does not exist: prepare that data first "
-            "(python jobs/prepare_data.py --stage pt / --stage cp) or set draft.head_vocab_from to existing folders"
-        )
-    counts = sum(token_counts(source, target_config.vocab_size) for source in sources)
-    kept = kept_token_ids(counts, cfg.draft.head_vocab, special_token_ids(tokenizer, target_config))
-    log.info("trimmed head: %d kept tokens cover %.2f%% of %s", len(kept), 100 * coverage(counts, kept), sources)
-    return kept
-
-
-def head_vocab_sources(cfg: RunConfig, data_dir: str | None = None) -> list[Path]:
-    """The folders ``draft.head_vocab_from`` names (comma-separated; relative ones inside the run directory,
-    e.g. ``data/pt,data/cp``), or else the stage's own ``data_dir``."""
-    if not cfg.draft.head_vocab_from:
-        return [Path(data_dir)] if data_dir else []
-    names = [s.strip() for s in cfg.draft.head_vocab_from.split(",") if s.strip()]
-    return [Path(cfg.run_dir, name) for name in names]  # an absolute name replaces the run directory
 
 
 def resume_position(sdir: str | Path) -> DataPosition | None:
@@ -197,13 +132,9 @@ def _check_cpus(tc) -> None:
 def run_stage_job(cfg: RunConfig, data_dir: str, init_from: str | None) -> dict:
     """What a stage job does once its inputs are known: start Ray (locally with one logical CPU more than the
     cores, so Ray Data can read shards beside the workers), train, and print a short summary."""
-    import os
+    from fastdraft_ray.ray_runtime import init_ray, local_ray_cpus
 
-    from fastdraft_ray.cli import init_ray
-
-    need = cfg.train.num_workers * cfg.train.cpus_per_worker
-    local = os.environ.get("RAY_ADDRESS", "local") == "local"
-    init_ray(**({"num_cpus": max(os.cpu_count() or 1, need) + 1} if local else {}))
+    init_ray(**local_ray_cpus(cfg.train.num_workers * cfg.train.cpus_per_worker + 1))
     record = train_stage(cfg, data_dir, init_from=init_from)
     metrics = record["metrics"]
     print(
@@ -211,10 +142,11 @@ def run_stage_job(cfg: RunConfig, data_dir: str, init_from: str | None) -> dict:
         f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
     )
     print(f"draft exported to {record['outputs']['export']}")
-    if "://" not in cfg.run_dir:  # a picture of the run so far: train/val loss of every finished stage
+    layout = RunLayout.of(cfg)
+    if not layout.remote:  # a picture of the run so far: train/val loss of every finished stage
         from fastdraft_ray.train.curves import plot_loss_curves
 
-        print(f"loss curve: {plot_loss_curves(cfg.run_dir, Path(cfg.run_dir) / 'loss_curve.png')}")
+        print(f"loss curve: {plot_loss_curves(layout, layout.loss_curve)}")
     return record
 
 
@@ -241,7 +173,8 @@ def train_stage(
     if stage not in STAGES:
         raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {stage!r}")
     started = time.time()
-    sdir = stage_dir(cfg, stage)
+    paths = RunLayout.of(cfg).stage(stage)
+    sdir = paths.root
     sdir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(data_dir)
     DataContext.get_current().enable_progress_bars = False
@@ -254,7 +187,7 @@ def train_stage(
     geo = Geometry(tc.num_workers, tc.micro_batch_size, tc.grad_accum_steps, int(manifest["seq_len"]))
     total_steps = geo.total_steps(tc.token_budget)
     deepspeed_config(tc, total_steps)  # validate before starting workers
-    init_dir = prepare_init(cfg, sdir / "init", init_from, data_dir=data_dir)
+    init_dir = prepare_init(cfg, paths.init, init_from, data_dir=data_dir)
     rows_per_epoch = _split_rows(manifest, "train")
     _check_cpus(tc)
     resume = resume_position(sdir)
@@ -292,7 +225,7 @@ def train_stage(
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
-    export = sdir / "export"
+    export = paths.export
     if not (export / "config.json").exists():
         raise RuntimeError(f"training finished but no export was written to {export}")
     record = {
@@ -314,5 +247,5 @@ def train_stage(
         },
         "outputs": {"export": str(export), "checkpoint": result.checkpoint.path if result.checkpoint else None},
     }
-    (sdir / "DONE.json").write_text(json.dumps(record, indent=1, default=str))
+    paths.done.write_text(json.dumps(record, indent=1, default=str))
     return record

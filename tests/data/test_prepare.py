@@ -12,7 +12,8 @@ import pytest
 
 from fastdraft_ray.config import DataConfig
 from fastdraft_ray.data.holdout import is_reserved_for_eval
-from fastdraft_ray.data.prepare import PrepareError, _Interrupted, prepare
+from fastdraft_ray.data.prepare import PrepareError, prepare
+from fastdraft_ray.data.progress import Interrupted
 from fastdraft_ray.data.sources import SourceError, iter_documents
 from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
 
@@ -103,7 +104,7 @@ def test_interrupted_prepare_resumes_without_redoing_shards(ray_local, tmp_path)
     data = DataConfig(sources={"s": corpus}, token_budget=14_000, seq_len=31, rows_per_shard=40, val_fraction=0.05)
     full = prepare(data, TOKENIZER, str(tmp_path / "full"), progress=False)
     out = str(tmp_path / "resumed")
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         prepare(data, TOKENIZER, out, progress=False, stop_after_shards=3)
     assert os.path.exists(f"{out}/.progress/state.json") and not os.path.exists(f"{out}/manifest.json")
     first = {f: os.stat(f"{out}/train/{f}").st_mtime_ns for f in sorted(os.listdir(f"{out}/train"))}

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fastdraft_ray.distill.generate import generate_batch, read_kd, score_topk
+from fastdraft_ray.distill.batched import generate_batch, score_topk
+from fastdraft_ray.distill.generate import read_kd
 from tests.distill.conftest import gen_config, write_alpaca
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,11 +72,12 @@ def test_score_topk_matches_unpadded_forward(tiny_model):
 
 
 def test_generation_output_schema_and_controlled_resume(tmp_path, tiny_target, ray_local):
-    from fastdraft_ray.distill.generate import output_dir, run_generation
+    from fastdraft_ray.distill.generate import run_generation
+    from fastdraft_ray.layout import RunLayout
 
     cfg = gen_config(tiny_target, tmp_path, write_alpaca(tmp_path / "a.json", 40), topk_logprobs=3)
     assert run_generation(cfg, max_units=2) == {"done": False}
-    out = output_dir(cfg)
+    out = RunLayout.of(cfg).kd.root
     assert len(list(out.glob("responses/*/part-*.parquet"))) == 2
     record = run_generation(cfg)
     assert record["done"] and record["rows"] == 10 * 2
@@ -156,7 +158,8 @@ def test_on_policy_rows_are_written_by_the_draft_and_scored_by_the_target(tmp_pa
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from fastdraft_ray.distill.ftdata import build_ft_rows
-    from fastdraft_ray.distill.generate import output_dir, run_generation
+    from fastdraft_ray.distill.generate import run_generation
+    from fastdraft_ray.layout import RunLayout
     from fastdraft_ray.models.target import load_tokenizer
     from fastdraft_ray.train.kd_rows import RowLayout
     from tests.conftest import tiny_config
@@ -180,7 +183,7 @@ def test_on_policy_rows_are_written_by_the_draft_and_scored_by_the_target(tmp_pa
         max_new_tokens=5,
     )
     assert run_generation(cfg)["done"]
-    rows = read_kd(output_dir(cfg)).to_pylist()
+    rows = read_kd(RunLayout.of(cfg).kd.root).to_pylist()
     on_policy = [r for r in rows if r["writer"] == "draft"]
     assert len(on_policy) == 5 and len(rows) == 10
     target = AutoModelForCausalLM.from_pretrained(tiny_target).eval()
@@ -190,7 +193,9 @@ def test_on_policy_rows_are_written_by_the_draft_and_scored_by_the_target(tmp_pa
     n = len(r["prompt_ids"])
     want = torch.log_softmax(logits[n - 1 : n - 1 + len(r["response_ids"])], -1).topk(3, -1)
     assert r["topk_ids"] == want.indices.tolist()  # the TARGET's scores on the draft's tokens
-    manifest = build_ft_rows(output_dir(cfg), tmp_path / "rows", tok, seq_len=24, topk=3, val_fraction=0.0)
+    manifest = build_ft_rows(
+        RunLayout.of(cfg).kd.root, tmp_path / "rows", tok, seq_len=24, topk=3, val_fraction=0.0
+    )
     table = pq.read_table(tmp_path / "rows" / manifest["splits"]["train"]["shards"][0]["file"])
     hard = RowLayout(24, 3).decode(torch.tensor(table.column("input_ids").to_pylist()))["hard"]
     assert sorted(hard.tolist()) == [0.0] * 5 + [1.0] * 5  # no CE on the draft's own tokens
@@ -199,7 +204,8 @@ def test_on_policy_rows_are_written_by_the_draft_and_scored_by_the_target(tmp_pa
 def test_magpie_instructions_are_written_by_the_target_then_answered(tmp_path, ray_local):
     from transformers import LlamaForCausalLM
 
-    from fastdraft_ray.distill.generate import output_dir, run_generation
+    from fastdraft_ray.distill.generate import run_generation
+    from fastdraft_ray.layout import RunLayout
     from fastdraft_ray.models.target import load_tokenizer
     from tests.conftest import tiny_config
     from tests.train.conftest import save_tiny_target
@@ -220,7 +226,7 @@ def test_magpie_instructions_are_written_by_the_target_then_answered(tmp_path, r
         temperatures="[0.0]",
     )
     record = run_generation(cfg)
-    out = output_dir(cfg)
+    out = RunLayout.of(cfg).kd.root
     written = [
         t for f in sorted(out.glob("magpie/part-*.parquet")) for t in pq.read_table(f).column("text").to_pylist()
     ]

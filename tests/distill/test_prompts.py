@@ -10,8 +10,8 @@ from fastdraft_ray.data.holdout import is_reserved_for_eval
 
 
 def test_kd_prompts_never_include_evaluation_items(smollm2_dir):
+    from fastdraft_ray.data.tasks import _alpaca, load_tasks
     from fastdraft_ray.distill.prompts import load_prompts, read_source
-    from fastdraft_ray.evaluate.tasks import _alpaca, load_tasks
     from fastdraft_ray.models.target import load_tokenizer
 
     tok = load_tokenizer(str(smollm2_dir))
@@ -27,8 +27,8 @@ def test_kd_prompts_never_include_evaluation_items(smollm2_dir):
 
 
 def test_task_shaped_prompts_mirror_the_evaluation_and_never_meet_it(smollm2_dir):
+    from fastdraft_ray.data.tasks import load_tasks
     from fastdraft_ray.distill.prompts import PromptError, load_prompts
-    from fastdraft_ray.evaluate.tasks import load_tasks
     from fastdraft_ray.models.target import load_tokenizer
 
     tok = load_tokenizer(str(smollm2_dir))

@@ -21,16 +21,17 @@ def test_real_target_kd_generation(smollm2):
 
 def _check_real_target(smollm2):
     from fastdraft_ray.data.holdout import is_reserved_for_eval
-    from fastdraft_ray.distill.generate import eos_ids, generate_batch, pad_id, score_topk
+    from fastdraft_ray.distill.batched import generate_batch, score_topk
     from fastdraft_ray.distill.magpie import user_turn_prefix
     from fastdraft_ray.distill.prompts import load_prompts
+    from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids
 
     model, tok = smollm2
     prompts = load_prompts({"alpaca": "embedded:alpaca"}, tok, 2, seed=0)
     assert all(not is_reserved_for_eval(p.message) for p in prompts)
     assert all(tok.decode(p.prompt_ids).endswith("<|im_start|>assistant\n") for p in prompts)
     ids = [p.prompt_ids for p in prompts]
-    pad, eos = pad_id(tok), eos_ids(model, tok)
+    pad, eos = pad_token_id(tok), stop_token_ids(tok, model)
     batched = generate_batch(model, ids, temperature=0.0, max_new_tokens=8, pad=pad, eos=eos)
     assert all(1 <= len(r) <= 8 for r, _ in batched)
     scored = score_topk(model, ids, [r for r, _ in batched], 4, pad=pad)

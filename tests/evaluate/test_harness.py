@@ -5,9 +5,11 @@ import json
 import pytest
 
 from fastdraft_ray.config import DraftConfig, EvaluateConfig, ModelConfig
+from fastdraft_ray.data.tasks import TASKS, load_tasks
+from fastdraft_ray.evaluate.metrics import ALL, DraftInfo, aggregate
 from fastdraft_ray.evaluate.report import summary, write_report
-from fastdraft_ray.evaluate.run import ALL, DraftInfo, EvaluationError, aggregate, evaluate
-from fastdraft_ray.evaluate.tasks import TASKS, load_tasks
+from fastdraft_ray.evaluate.run import EvaluationError, evaluate
+from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.models.draft import IncompatibleDraftError, build_draft, derive_draft_config, save_draft
 from fastdraft_ray.specdec.decode import NEAR_TIE_LOGIT_GAP, first_divergence
 from tests.conftest import tiny_config
@@ -63,7 +65,7 @@ def test_end_to_end_writes_every_report_file(tmp_path, tiny_pair, prompts):
         f"eval/{t}/{m}" for t in TASKS for m in ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
     }
 
-    out = write_report(res, str(tmp_path / "run"), config={"note": "test"})
+    out = write_report(res, RunLayout.at(tmp_path / "run").eval_dir, config={"note": "test"})
     files = {p.name for p in (tmp_path / "run" / "eval").iterdir()}
     assert files >= {"results.json", "results.csv", "results.md", "results.png", "DONE.json"}
     data = json.loads((tmp_path / "run/eval/results.json").read_text())
@@ -175,5 +177,5 @@ def test_real_target_with_random_draft(tmp_path, smollm2_dir, smollm2, prompts):
             ref = autoregressive_generate(target_model, x, max_new_tokens=16, eos_token_id=2).tokens
             _, gap = first_divergence(target_model, x, ref, rec["tokens"])
             assert gap < NEAR_TIE_LOGIT_GAP
-    write_report(res, str(tmp_path / "run"))
+    write_report(res, RunLayout.at(tmp_path / "run").eval_dir)
     assert (tmp_path / "run/eval/results.md").exists()

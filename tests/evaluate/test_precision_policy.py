@@ -3,7 +3,8 @@
 import pytest
 
 from fastdraft_ray.config import EvaluateConfig, ModelConfig
-from fastdraft_ray.evaluate.run import ALL, EvaluationError, evaluate
+from fastdraft_ray.evaluate.metrics import ALL
+from fastdraft_ray.evaluate.run import EvaluationError, evaluate
 from tests.evaluate.test_harness import FAST, prompts, tiny_pair, tokenizer  # noqa: F401 (fixtures)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from fastdraft_ray.data.synthetic import write_shards
 from tests.train.conftest import save_tiny_target, tiny_run_config
-from tests.train.shards import write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,12 @@ def ray_3cpu():
 
 
 def test_pt_stage_with_trimmed_pca_draft(tmp_path, ray_3cpu):
+    from fastdraft_ray.models.construct import prepare_init
     from fastdraft_ray.models.draft import load_draft
     from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
     from fastdraft_ray.models.trimmed_head import trimmed_head
     from fastdraft_ray.models.vocab import token_counts
-    from fastdraft_ray.train.run import prepare_init, train_stage
+    from fastdraft_ray.train.run import train_stage
 
     target = save_tiny_target(tmp_path / "target")
     data = write_shards(

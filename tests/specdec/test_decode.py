@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from fastdraft_ray.config import DraftConfig
+from fastdraft_ray.config import DecodeConfig, DraftConfig
 from fastdraft_ray.models.draft import IncompatibleDraftError, build_draft, derive_draft_config
 from fastdraft_ray.specdec.decode import (
     NEAR_TIE_LOGIT_GAP,
@@ -22,6 +22,7 @@ from fastdraft_ray.specdec.decode import (
     first_divergence,
     speculative_generate,
 )
+from fastdraft_ray.specdec.engine import SpecDecoder
 from tests.conftest import tiny_config
 
 EXACT_FAMILIES = ["llama", "qwen2", "gpt_neox", "mistral", "phi3", "gemma"]
@@ -279,11 +280,14 @@ def _check_real(smollm2, prompts: list[str], n: int, drafts: dict) -> None:
             autoregressive_generate(target, ids, max_new_tokens=n, eos_token_id=eos).tokens,
             "AR",
         )
-        for name, draft in drafts.items():
-            res = speculative_generate(target, draft, ids, gamma=3, max_new_tokens=n, eos_token_id=eos)
-            assert_greedy_equal(target, ids, reference, res.tokens, f"{name} on {text!r}")
+        for name, draft in drafts.items():  # through the engine's stream(), as evaluation and serving decode
+            decoder = SpecDecoder(target, draft, DecodeConfig(gamma=3), stop_ids=[eos])
+            steps = list(decoder.stream(ids, max_new_tokens=n, temperature=0.0))
+            tokens = [t for step in steps for t in step.tokens]
+            assert_greedy_equal(target, ids, reference, tokens, f"{name} on {text!r}")
+            assert steps[-1].finished and not any(step.finished for step in steps[:-1])
             if draft is target:
-                assert res.stats.acceptance_rate == 1.0
+                assert steps[-1].stats.acceptance_rate == 1.0
 
 
 @pytest.mark.real_target

@@ -17,7 +17,9 @@ from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from fastdraft_ray.specdec.decode import speculative_generate
+from fastdraft_ray.config import DecodeConfig
+from fastdraft_ray.specdec.decode import speculative_generate, speculative_stream
+from fastdraft_ray.specdec.engine import SpecDecoder
 from fastdraft_ray.specdec.sampling import probs_from_logits, sample, verify_sampled
 from tests.conftest import tiny_config
 
@@ -66,22 +68,21 @@ def _exact_joint(model, temperature: float, top_p: float) -> torch.Tensor:
     return joint
 
 
-def _samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0, verify=verify_sampled):
+def _samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0, verify=None):
+    """``n`` sampled continuations through the engine's ``stream()`` (``verify``: a deliberately broken rule,
+    swapped in at the decoding loop's test hook instead)."""
+    decoder = SpecDecoder(target, draft, DecodeConfig(gamma=GAMMA, stop_at_eos=False))
     rows = []
     for seed in range(n):
-        out = speculative_generate(
-            target,
-            draft,
-            PROMPT,
-            gamma=GAMMA,
-            max_new_tokens=K,
-            temperature=temperature,
-            top_p=top_p,
-            generator=torch.Generator().manual_seed(seed),
-            _verify=verify,
-        )
-        assert len(out.tokens) == K
-        rows.append(out.tokens)
+        kw = {"max_new_tokens": K, "temperature": temperature, "top_p": top_p}
+        gen = torch.Generator().manual_seed(seed)
+        if verify is None:
+            steps = decoder.stream(PROMPT, generator=gen, **kw)
+        else:
+            steps = speculative_stream(target, draft, PROMPT, gamma=GAMMA, generator=gen, _verify=verify, **kw)
+        tokens = [t for step in steps for t in step.tokens]
+        assert len(tokens) == K
+        rows.append(tokens)
     return torch.tensor(rows)
 
 

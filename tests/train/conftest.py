@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fastdraft_ray.config import load_config
+from fastdraft_ray.data.synthetic import write_shards
 from tests.conftest import TINY_VOCAB, tiny_config
-from tests.train.shards import write_shards
 
 
 def save_tiny_target(out: Path) -> Path:

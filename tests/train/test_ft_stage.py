@@ -23,7 +23,8 @@ def ray_ft():
 
 
 def _kd(tmp_path, tiny_target):
-    from fastdraft_ray.distill.generate import output_dir, run_generation
+    from fastdraft_ray.distill.generate import run_generation
+    from fastdraft_ray.layout import RunLayout
 
     cfg = gen_config(
         tiny_target,
@@ -35,7 +36,7 @@ def _kd(tmp_path, tiny_target):
         batch_size=24,
     )
     assert run_generation(cfg)["done"]
-    return output_dir(cfg)
+    return RunLayout.of(cfg).kd.root
 
 
 def test_ft_stage_trains_on_kd_rows_from_the_given_draft(tmp_path, tiny_target, ray_ft):
@@ -44,8 +45,9 @@ def test_ft_stage_trains_on_kd_rows_from_the_given_draft(tmp_path, tiny_target, 
     from fastdraft_ray.assets import sha256_file
     from fastdraft_ray.config import stage_config
     from fastdraft_ray.distill.ftdata import build_ft_rows
+    from fastdraft_ray.models.construct import prepare_init
     from fastdraft_ray.models.target import load_tokenizer
-    from fastdraft_ray.train.run import prepare_init, train_stage
+    from fastdraft_ray.train.run import train_stage
     from tests.train.conftest import tiny_run_config
 
     kd = _kd(tmp_path, tiny_target)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from fastdraft_ray.data.synthetic import write_shards
+from fastdraft_ray.layout import RunLayout
 from tests.train.conftest import save_tiny_target, tiny_run_config
-from tests.train.shards import write_shards
 
 
 def test_head_vocab_sources_resolve_inside_the_run_dir(tmp_path):
-    from fastdraft_ray.train.run import head_vocab_sources
+    from fastdraft_ray.models.construct import head_vocab_sources
 
     cfg = tiny_run_config(tmp_path / "target", tmp_path / "runs")
     assert head_vocab_sources(cfg, "/stage/data") == [Path("/stage/data")]
@@ -22,16 +23,16 @@ def test_head_vocab_sources_resolve_inside_the_run_dir(tmp_path):
 
 
 def test_kept_set_counts_every_named_folder(tmp_path):
+    from fastdraft_ray.models.construct import prepare_init
     from fastdraft_ray.models.draft import load_draft
     from fastdraft_ray.models.target import load_target_config, load_tokenizer, tokenizer_fingerprint
     from fastdraft_ray.models.trimmed_head import trimmed_head
     from fastdraft_ray.models.vocab import kept_token_ids, special_token_ids, token_counts
-    from fastdraft_ray.train.run import prepare_init
 
     target = save_tiny_target(tmp_path / "target")
     fingerprint = tokenizer_fingerprint(load_tokenizer(str(target)))
     cfg = tiny_run_config(target, tmp_path / "runs")
-    run_dir = Path(cfg.run_dir)
+    run_dir = RunLayout.of(cfg).root
     a = write_shards(run_dir / "data" / "pt", tokenizer_hash=fingerprint, vocab_size=96, seed=1)
     b = write_shards(run_dir / "data" / "cp", tokenizer_hash=fingerprint, vocab_size=96, seed=2)
     cfg.draft.head_vocab, cfg.draft.head_vocab_from = 24, "data/pt,data/cp"
@@ -44,7 +45,7 @@ def test_kept_set_counts_every_named_folder(tmp_path):
 
 
 def test_missing_count_folder_says_what_to_prepare(tmp_path):
-    from fastdraft_ray.train.run import prepare_init
+    from fastdraft_ray.models.construct import prepare_init
 
     target = save_tiny_target(tmp_path / "target")
     cfg = tiny_run_config(target, tmp_path / "runs")

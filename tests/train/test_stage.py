@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from fastdraft_ray.data.synthetic import write_shards
 from fastdraft_ray.train.position import DataPosition, Geometry
 from tests.train.audit import effective_lineage, expected_rows, read_trace
 from tests.train.conftest import tiny_run_config
-from tests.train.shards import write_shards
 
 
 def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_target, tiny_data, ray_3cpu):

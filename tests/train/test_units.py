@@ -88,8 +88,8 @@ def test_loss_is_next_token_cross_entropy():
 
 
 def test_cp_init_is_a_copy_of_the_given_export_and_pt_init_is_derived(tmp_path, tiny_target):
+    from fastdraft_ray.models.construct import prepare_init
     from fastdraft_ray.models.draft import load_draft
-    from fastdraft_ray.train.run import prepare_init
     from tests.train.conftest import tiny_run_config
 
     cfg = tiny_run_config(tiny_target, tmp_path)

@@ -42,6 +42,7 @@ from functools import lru_cache
 
 from fastdraft_ray import assets
 from fastdraft_ray.data.holdout import is_reserved_for_eval, normalise
+from fastdraft_ray.models.prompting import render_prompt
 
 TASKS = ("summarization", "story", "instruction", "code")
 SOURCES = ("offline", "hub")
@@ -241,15 +242,6 @@ def _truncate_tokens(tokenizer, text: str, max_tokens: int) -> str:
     return head[: cut + 1] if cut >= 0.75 * len(head) else head
 
 
-def _encode(tokenizer, message: str, chat: bool) -> tuple[str, list[int]]:
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
-        )
-        return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return message, list(tokenizer(message, add_special_tokens=True)["input_ids"])
-
-
 def _interleave(groups: Iterable[list[_Item]]) -> list[_Item]:
     groups = [g for g in groups if g]
     out = []
@@ -302,7 +294,7 @@ def load_tasks(
         prompts = []
         for item in select_items(pool, prompts_per_task, seed, task):
             message, chat = format_message(task, item.message, tokenizer, max_article_tokens, code_chat)
-            text, ids = _encode(tokenizer, message, chat=chat)
+            text, ids = render_prompt(tokenizer, message, chat)
             prompts.append(EvalPrompt(task, f"{task}/{item.id}", item.source, text, ids, item.source_text))
         out[task] = prompts
     return out

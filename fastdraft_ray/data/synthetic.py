@@ -1,5 +1,6 @@
-"""Test helper: write a small prepared-data folder in the issue-4 format (``manifest.json`` + parquet shards),
-using the data package's own shard writer, filled with distinct, learnable token rows."""
+"""Synthetic prepared-data folders in the token-shard format (``manifest.json`` + parquet shards), written with the
+data package's own shard writer and filled with distinct, learnable token rows: for benchmarks and tests that
+need shards without a tokenizer run."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 import pytest
 
 from fastdraft_ray.data.holdout import is_reserved_for_eval
-from fastdraft_ray.evaluate.tasks import SUMMARIZE, TASKS, TaskError, _is_story_request, _offline_items, load_tasks
+from fastdraft_ray.data.tasks import SUMMARIZE, TASKS, TaskError, _is_story_request, _offline_items, load_tasks
 from fastdraft_ray.models.target import load_tokenizer
 
 

@@ -1,0 +1,156 @@
+"""What an evaluation produces and how it is aggregated: per-prompt records -> rows per (draft, mode, task).
+
+Per (draft, mode, task), with the definitions of DESIGN.md:
+
+- ``acceptance_rate`` alpha and ``block_efficiency`` tau (pooled counters over the task's prompts),
+- ``mbsu`` = tau / (gamma * c + 1), c = draft parameter bytes / target parameter bytes,
+- ``hw_speedup``: the same formula with c = measured draft step / target step latency
+  (``hw_speedup_verify`` also charges the measured (gamma+1)-token verify forward instead of one step),
+- ``speedup``: wall-clock, target-only time / speculative time for the same prompts. Generations stop at the
+  stop tokens, so lengths can differ when sampling; both sides are therefore compared per emitted token
+  (time per token of the baseline / time per token of speculative decoding), which equals the plain time
+  ratio whenever the lengths match (always under greedy).
+
+Adaptive gamma policies vary gamma, so MBSU and the hardware-aware speedups use the mean gamma per step
+(``mean_gamma``) there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from fastdraft_ray.specdec import stats as S
+
+MODES = ("sampling", "greedy")
+ALL = "all"  # pseudo-task pooling every prompt
+TABLE_METRICS = ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
+
+
+@dataclass
+class DraftInfo:
+    """A draft under evaluation: where it lives, its size, c, and latencies measured on the workers."""
+
+    name: str
+    path: str
+    params: int = 0
+    param_bytes: int = 0
+    c_params: float = 0.0
+    draft_step_s: float = 0.0
+    target_step_s: float = 0.0
+    verify_step_s: float = 0.0
+    verify_cost: list[float] = field(default_factory=list)  # target: k tokens in one forward / one step, k=1..
+    precision: str = ""  # the draft's deployment precision (the target's is settings["precision"])
+
+
+@dataclass
+class EvalResults:
+    """Everything an evaluation produced: per-prompt records, aggregated rows, drafts and settings."""
+
+    target: str
+    settings: dict
+    drafts: list[DraftInfo]
+    records: list[dict]
+    rows: list[dict] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def metrics(self, draft: str | None = None, mode: str = "sampling") -> dict[str, float]:
+        """Flat ``eval/<task>/<metric>`` dict for one draft (default: the first) and mode."""
+        draft = draft or self.drafts[0].name
+        out = {}
+        for row in self.rows:
+            if row["draft"] == draft and row["mode"] == mode:
+                for key in (*TABLE_METRICS, "hw_speedup"):
+                    out[f"eval/{row['task']}/{key}"] = row[key]
+        if not out:
+            raise KeyError(f"no results for draft {draft!r} in mode {mode!r}")
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (``results.json``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EvalResults:
+        """Read back ``results.json`` (e.g. to re-render a report)."""
+        return cls(**{**data, "drafts": [DraftInfo(**d) for d in data["drafts"]]})
+
+
+def aggregate(
+    records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: list[str], gamma_policy: str = "constant"
+) -> list[dict]:
+    """Rows per (draft, mode, task) plus the pooled ``all`` task, with every metric of the module docstring.
+    An adaptive ``gamma_policy`` prices the cost metrics at the mean gamma per step instead of ``gamma``."""
+    rows = []
+    modes = [m for m in MODES if any(r["mode"] == m for r in records)]
+    for info in drafts:
+        for mode in modes:
+            for task in [*tasks, ALL]:
+                recs = [
+                    r
+                    for r in records
+                    if r["draft"] == info.name and r["mode"] == mode and (task == ALL or r["task"] == task)
+                ]
+                if recs:
+                    rows.append(_row(info, mode, task, recs, gamma, gamma_policy != "constant"))
+    return rows
+
+
+def _verify_s(info: DraftInfo, gamma: float) -> float:
+    """Target time to verify ``gamma`` (possibly a fractional mean) draft tokens, from the measured curve."""
+    curve = info.verify_cost
+    if not curve:
+        return info.verify_step_s
+    k = min(gamma + 1.0, float(len(curve)))
+    lo, frac = int(k), k - int(k)
+    v = curve[lo - 1] + (curve[lo] - curve[lo - 1]) * frac if frac else curve[lo - 1]
+    return v * info.target_step_s
+
+
+def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, adaptive: bool = False) -> dict:
+    tot = {
+        k: sum(r[k] for r in recs)
+        for k in (
+            "proposed",
+            "accepted",
+            "steps",
+            "new_tokens",
+            "wall_time_s",
+            "base_new_tokens",
+            "base_wall_time_s",
+        )
+    }
+    alpha = S.acceptance_rate(tot["accepted"], tot["proposed"])
+    tau = S.block_efficiency(tot["new_tokens"], tot["steps"])
+    mean_gamma = tot["proposed"] / tot["steps"] if tot["steps"] else 0.0
+    g_cost = mean_gamma if adaptive else gamma  # gamma the cost formulas charge
+    base_per_token = tot["base_wall_time_s"] / max(tot["base_new_tokens"], 1)
+    spec_per_token = tot["wall_time_s"] / max(tot["new_tokens"], 1)
+    hw = S.hardware_speedup(tau, g_cost, info.draft_step_s, info.target_step_s) if info.target_step_s else 0.0
+    hw_verify = (
+        S.hardware_speedup(tau, g_cost, info.draft_step_s, info.target_step_s, _verify_s(info, g_cost))
+        if info.target_step_s
+        else 0.0
+    )
+    return {
+        "draft": info.name,
+        "mode": mode,
+        "task": task,
+        "prompts": len(recs),
+        **tot,
+        "acceptance_rate": alpha,
+        "block_efficiency": tau,
+        "ideal_block_efficiency": S.ideal_block_efficiency(alpha, gamma),
+        "mbsu": S.mbsu(tau, g_cost, info.c_params),
+        "mean_gamma": mean_gamma,
+        "plain_steps": sum(r.get("plain_steps", 0) for r in recs),
+        # per-token acceptance probability: what evaluate.prior_alpha gives the cost policy
+        "alpha_per_token": S.per_token_alpha(tot["accepted"], sum(r.get("rejected_steps", 0) for r in recs)),
+        "hw_speedup": hw,
+        "hw_speedup_verify": hw_verify,
+        "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,
+        "target_tokens_per_s": 1.0 / base_per_token if base_per_token else 0.0,
+        "spec_tokens_per_s": 1.0 / spec_per_token if spec_per_token else 0.0,
+        # greedy only: fraction of prompts whose output equals the target's own greedy output (lossless check)
+        "matches_target": sum(bool(r["matches_target"]) for r in recs) / len(recs) if mode == "greedy" else None,
+    }

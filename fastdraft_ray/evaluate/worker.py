@@ -1,0 +1,124 @@
+"""One evaluation worker (in-process, or the body of a Ray actor): the target and every draft loaded once, as
+``SpecDecoder``s sharing one target, and the per-prompt records of the module ``evaluate.run`` describes.
+
+For every prompt and decoding mode it runs the target alone (the baseline) and then each draft's speculative
+decoding, back to back on the same process and threads, so wall-clock ratios compare like with like. Costs
+(c, the draft's catch-up, the target's verify-cost curve) are measured once, on the first prompt it sees; the
+``cost`` policy uses them. Every prompt's sampling generator is seeded from ``(seed, prompt id)`` alone, so
+alpha, tau and the tokens do not depend on the worker count (only timings do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+from fastdraft_ray.config import EvaluateConfig, ModelConfig
+from fastdraft_ray.data.tasks import EvalPrompt
+from fastdraft_ray.models.draft import load_draft
+from fastdraft_ray.specdec.engine import SpecDecoder
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The sampling seed of one prompt: a function of the evaluation seed and the prompt id only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{prompt_id}".encode()).digest()[:8], "big") >> 1
+
+
+class Evaluator:
+    """Holds the target and every draft (loaded once) and evaluates prompts; also the Ray actor body.
+
+    ``cfg``: the evaluation settings with ``precision``/``draft_precision`` already resolved."""
+
+    def __init__(self, target: ModelConfig, drafts: dict[str, str], cfg: EvaluateConfig, threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
+        self.cfg = cfg
+        self.target_only = SpecDecoder.load(target, None, cfg, device)
+        self.decoders = {name: self.target_only.with_draft(load_draft(path)) for name, path in drafts.items()}
+        self.device = self.target_only.device
+        self._latencies: dict | None = None
+
+    def latencies(self, prompt: EvalPrompt) -> dict[str, dict]:
+        """Median step latencies and the target's verify-cost curve on ``prompt``'s context, and warm every
+        model up (first calls are slow)."""
+        ids = prompt.input_ids
+        for decoder in self.decoders.values():
+            decoder.warm_up(ids)
+        curve = None
+        out = {}
+        for name, decoder in self.decoders.items():
+            if curve is None:  # one target: its curve is measured once and shared
+                curve = decoder.measure_target(ids)
+            costs = decoder.measure_costs(ids, target_curve=curve)
+            out[name] = {
+                "draft_step_s": costs.draft_step_s,
+                "draft_catchup_s": costs.draft_catchup_s,  # each further token in one draft forward (probes)
+                "target_step_s": costs.target_step_s,
+                "verify_step_s": costs.verify_cost[self.cfg.gamma] * costs.target_step_s,
+                "verify_cost": list(costs.verify_cost),
+            }
+        return out
+
+    def run(self, prompts: list[EvalPrompt]) -> tuple[list[dict], dict]:
+        """Records for every (prompt, mode, draft), and the latencies measured on this worker (once, on the
+        first prompt it sees)."""
+        if not prompts:
+            return [], self._latencies or {}
+        if self._latencies is None:
+            self._latencies = self.latencies(prompts[0])
+        return [r for prompt in prompts for r in self._records(prompt)], self._latencies
+
+    def measured_latencies(self) -> dict:
+        """What ``run`` measured on this worker ({} before any prompt)."""
+        return self._latencies or {}
+
+    def _records(self, prompt: EvalPrompt) -> list[dict]:
+        records = []
+        for mode in self.cfg.modes:
+            kw = {
+                "max_new_tokens": self.cfg.max_new_tokens,
+                "temperature": self.cfg.temperature if mode == "sampling" else 0.0,
+            }
+            seed = prompt_seed(self.cfg.seed, prompt.id)
+            base = self.target_only.generate(prompt.input_ids, generator=self._gen(seed), **kw)
+            for name, decoder in self.decoders.items():
+                spec = decoder.generate(prompt.input_ids, generator=self._gen(seed), **kw)
+                records.append(_record(prompt, name, mode, spec, base))
+        return records
+
+    def _gen(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+
+def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base) -> dict:
+    st = spec.stats
+    return {
+        "task": prompt.task,
+        "prompt_id": prompt.id,
+        "prompt_tokens": len(prompt.input_ids),
+        "draft": draft,
+        "mode": mode,
+        "proposed": st.proposed,
+        "accepted": st.accepted,
+        "steps": st.steps,
+        "new_tokens": st.new_tokens,
+        "wall_time_s": st.wall_time_s,
+        "draft_time_s": st.draft_time_s,
+        "target_time_s": st.target_time_s,
+        "draft_forwards": st.draft_forwards,
+        "target_forwards": st.target_forwards,
+        "plain_steps": st.proposed_per_step.count(0),
+        "rejected_steps": st.rejected_steps,
+        "base_new_tokens": base.stats.new_tokens,
+        "base_wall_time_s": base.stats.wall_time_s,
+        "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
+        "tokens": spec.tokens,
+    }
+
+
+def resolved(cfg: EvaluateConfig, precision: str, draft_precision: str) -> EvaluateConfig:
+    """``cfg`` with its precisions resolved (what workers decode at)."""
+    return dataclasses.replace(cfg, precision=precision, draft_precision=draft_precision)
