@@ -116,9 +116,9 @@ def main() -> None:
         return
 
     from fastdraft_ray.config import load_config, stage_config
+    from fastdraft_ray.data.synthetic import write_shards
     from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
     from fastdraft_ray.train.run import prepare_init
-    from fastdraft_ray.data.synthetic import write_shards
 
     load_before = os.getloadavg()[0]
     workers, rows_per_step = 2, 2 * args.micro_batch

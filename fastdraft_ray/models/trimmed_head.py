@@ -33,7 +33,6 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     Phi3Model,
-    PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2Model,
@@ -216,8 +215,3 @@ def kept_logits(model) -> Iterator[TrimmedLMHead]:
         yield head
     finally:
         head.full_vocab = previous
-
-
-def is_trimmed(model: PreTrainedModel) -> bool:
-    """Whether ``model`` (or a wrapper's ``.module``) has a trimmed head."""
-    return trimmed_head(model) is not None

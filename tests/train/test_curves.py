@@ -2,6 +2,7 @@
 
 from torch.utils.tensorboard import SummaryWriter
 
+from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.train.curves import plot_loss_curves, read_scalars
 
 
@@ -21,6 +22,6 @@ def test_curves_read_back_and_plot(tmp_path):
     assert scalars["train/loss"] == [(1, 9.0), (2, 7.5), (3, 6.5)]
     ((val_step, val_loss),) = scalars["val/loss"]
     assert val_step == 3 and abs(val_loss - 6.6) < 1e-5  # stored as float32
-    out = plot_loss_curves(tmp_path, tmp_path / "curve.png")
+    out = plot_loss_curves(RunLayout.at(tmp_path), tmp_path / "curve.png")
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
     assert read_scalars(tmp_path / "pt" / "tb", ("nope",)) == {"nope": []}
