@@ -136,8 +136,7 @@ class RunLayout:
     @classmethod
     def of(cls, cfg: RunConfig) -> RunLayout:
         """The layout of ``cfg``'s run directory ``<storage>/<run_name>``."""
-        storage = cfg.storage if is_url(cfg.storage) else str(Path(cfg.storage).expanduser())
-        return cls(_local(f"{storage.rstrip('/')}/{cfg.run_name}"), cfg.data.output, cfg.generate.output)
+        return cls(_local(f"{cfg.storage.rstrip('/')}/{cfg.run_name}"), cfg.data.output, cfg.generate.output)
 
     @classmethod
     def at(cls, root: str | Path) -> RunLayout:

@@ -16,6 +16,7 @@ actors that each load the models once; records come back in prompt order whateve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ import torch
 from fastdraft_ray.config import ConfigError, EvaluateConfig, ModelConfig, check_choices
 from fastdraft_ray.data.tasks import EvalPrompt, load_tasks
 from fastdraft_ray.evaluate.metrics import MODES, DraftInfo, EvalResults, aggregate
-from fastdraft_ray.evaluate.worker import Evaluator, resolved
+from fastdraft_ray.evaluate.worker import Evaluator
 from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
 from fastdraft_ray.models.target import DTYPES, load_target_config, load_tokenizer
 from fastdraft_ray.specdec.precision import PrecisionError, resolve_precision
@@ -181,7 +182,8 @@ def evaluate(
         len(modes),
         cfg.num_workers,
     )
-    records, latencies = _run_workers(model, drafts, flat, resolved(cfg, precision, draft_precision))
+    workers_cfg = dataclasses.replace(cfg, precision=precision, draft_precision=draft_precision)  # as resolved
+    records, latencies = _run_workers(model, drafts, flat, workers_cfg)
     order = {p.id: i for i, p in enumerate(flat)}
     records.sort(key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"])))
 

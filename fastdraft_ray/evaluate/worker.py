@@ -10,7 +10,6 @@ alpha, tau and the tokens do not depend on the worker count (only timings do).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 
 import torch
@@ -117,8 +116,3 @@ def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base) -> dict:
         "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,
         "tokens": spec.tokens,
     }
-
-
-def resolved(cfg: EvaluateConfig, precision: str, draft_precision: str) -> EvaluateConfig:
-    """``cfg`` with its precisions resolved (what workers decode at)."""
-    return dataclasses.replace(cfg, precision=precision, draft_precision=draft_precision)

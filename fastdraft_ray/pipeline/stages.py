@@ -203,7 +203,10 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         if stage == "ft":
             from fastdraft_ray.distill.ftdata import build_ft_data
 
-            rows = build_ft_data(scfg, layout.kd.root, data_dir)["rows"]
+            try:
+                rows = build_ft_data(scfg, layout.kd.root, data_dir)["rows"]
+            except FileNotFoundError as exc:  # no finished KD data: say what to run, as every stage does
+                raise PipelineError(str(exc)) from None
         record = train_stage(scfg, str(data_dir), init_from=init_from)
         metrics = record["metrics"]
         return {
@@ -274,11 +277,8 @@ def _generate(cfg: RunConfig) -> Stage:
 def finished_drafts(cfg: RunConfig, stages: list[str]) -> dict[str, str]:
     """``{stage: export folder}`` for the training stages in ``stages`` that finished (DONE.json + export)."""
     layout = RunLayout.of(cfg)
-    return {
-        s: str(layout.stage(s).export)
-        for s in stages
-        if layout.stage(s).done.exists() and (layout.stage(s).export / "config.json").exists()
-    }
+    paths = {s: layout.stage(s) for s in stages}
+    return {s: str(p.export) for s, p in paths.items() if p.done.exists() and (p.export / "config.json").exists()}
 
 
 def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:

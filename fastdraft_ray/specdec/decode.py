@@ -119,8 +119,9 @@ class DecodeResult:
 @dataclass
 class Step:
     """What one decoding step emitted, as ``*_stream`` yields it: the new tokens (accepted draft tokens + the
-    target's correction or bonus token, cut after a stop token), this step's draft counts, and the running
-    counters of the whole generation so far (timings exclude the time the consumer spent between steps)."""
+    target's correction or bonus token, cut after a stop token), this step's draft counts, and the generation's
+    live counters (the same ``DecodeStats`` object at every step, updated in place; its timings exclude the time
+    the consumer spent between steps)."""
 
     tokens: list[int]
     proposed: int
@@ -209,7 +210,6 @@ def speculative_stream(
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
     t_run, d_run = CachedRunner(target), CachedRunner(draft)
     stats = DecodeStats()
-    emitted_total = 0
     clock = _Clock()
 
     if len(prompt) > 1:  # prefill everything but the last prompt token: it opens the first verify forward
@@ -218,8 +218,8 @@ def speculative_stream(
     last, pending = prompt[-1], list(prompt)
 
     confident = policy.needs_confidence
-    while emitted_total < max_new_tokens:
-        g_max = min(policy.gamma(len(pending)), max_new_tokens - emitted_total - 1)
+    while stats.new_tokens < max_new_tokens:
+        g_max = min(policy.gamma(len(pending)), max_new_tokens - stats.new_tokens - 1)
         drafted: list[int] = []
         q_rows: list[torch.Tensor] = []
         feed = pending
@@ -268,19 +268,20 @@ def speculative_stream(
         stats.proposed_per_step.append(g)
         policy.update(g, n)
         emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
-        emitted_total += len(emitted)
-        stats.new_tokens = emitted_total
+        stats.new_tokens += len(emitted)
         stats.target_forwards, stats.target_time_s = t_run.forwards, t_run.seconds
         stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
         stats.wall_time_s = clock.pause()
-        finished = hit_eos or emitted_total >= max_new_tokens
+        finished = hit_eos or stats.new_tokens >= max_new_tokens
         yield Step(emitted, g, n, finished, stats)
         if finished:
             return
         clock.resume()
 
 
-def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel, input_ids: torch.LongTensor, **kwargs):
+def speculative_generate(
+    target: PreTrainedModel, draft: PreTrainedModel, input_ids: torch.LongTensor, **kwargs
+) -> DecodeResult:
     """``speculative_stream`` run to its end: a ``DecodeResult`` (new tokens only, and the counters)."""
     return collect(speculative_stream(target, draft, input_ids, **kwargs))
 

@@ -26,7 +26,7 @@ from fastdraft_ray.models.target import load_target
 from fastdraft_ray.specdec import stats as S
 from fastdraft_ray.specdec.decode import DecodeResult, Step, autoregressive_stream, collect, speculative_stream
 from fastdraft_ray.specdec.policy import CostModel, GammaPolicy, make_policy
-from fastdraft_ray.specdec.precision import prepare_for_inference, resolve_precision
+from fastdraft_ray.specdec.precision import model_device, prepare_for_inference, resolve_precision
 
 
 @dataclass
@@ -56,14 +56,21 @@ class SpecDecoder:
         *,
         tokenizer=None,
         stop_ids: list[int] | None = None,
+        precision: str = "",
     ):
+        """``stop_ids``: the stop tokens (default: ``stop_token_ids`` of ``tokenizer``; none when
+        ``settings.stop_at_eos`` is off); ``precision``: the target's, already applied (default
+        ``settings.precision`` or fp32): the draft's unless ``settings.draft_precision`` says otherwise."""
         if draft is not None:
             check_compatible(target, draft)
         self.target, self.draft, self.settings, self.tokenizer = target, draft, settings, tokenizer
-        if stop_ids is None and tokenizer is not None and settings.stop_at_eos:
+        if not settings.stop_at_eos:
+            stop_ids = None
+        elif stop_ids is None and tokenizer is not None:
             stop_ids = stop_token_ids(tokenizer, target)
-        self.stop_ids = stop_ids if settings.stop_at_eos else None
-        self.device = next(target.parameters()).device
+        self.stop_ids = stop_ids
+        self.precision = resolve_precision(precision or settings.precision or "fp32")
+        self.device = model_device(target)
         self.costs: Costs | None = None
 
     @classmethod
@@ -77,15 +84,18 @@ class SpecDecoder:
             model.target, dtype=model.dtype, device=device, trust_remote_code=model.trust_remote_code
         )
         target = prepare_for_inference(target, precision, inplace=True)
-        decoder = cls(target, None, settings, tokenizer=tokenizer)
+        decoder = cls(target, None, settings, tokenizer=tokenizer, precision=precision)
         return decoder.with_draft(load_draft(draft)) if draft else decoder
 
     def with_draft(self, draft: PreTrainedModel) -> SpecDecoder:
         """A decoder sharing this one's target (no copy) with ``draft``, prepared at the draft precision."""
         s = self.settings
-        precision = resolve_precision(s.draft_precision or s.precision or "fp32")
-        draft = prepare_for_inference(draft.to(self.device), precision, inplace=True)
-        return SpecDecoder(self.target, draft, s, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+        draft = prepare_for_inference(
+            draft.to(self.device), resolve_precision(s.draft_precision or self.precision), inplace=True
+        )
+        return SpecDecoder(
+            self.target, draft, s, tokenizer=self.tokenizer, stop_ids=self.stop_ids, precision=self.precision
+        )
 
     # ------------------------------------------------------------------------------------------ decoding
 

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import ConfigError, RunConfig, config_from_dict, to_dict, training_settings
-from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
 from fastdraft_ray.models.construct import prepare_init
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
 log = logging.getLogger(__name__)
-STAGES = ("pt", "cp", "ft")
 UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
 
 
@@ -170,8 +169,8 @@ def train_stage(
     from fastdraft_ray.train.loop import train_fn_per_worker
 
     stage, tc = cfg.train.stage, cfg.train
-    if stage not in STAGES:
-        raise ValueError(f"train.stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"train.stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
     started = time.time()
     paths = RunLayout.of(cfg).stage(stage)
     sdir = paths.root

@@ -74,6 +74,11 @@ def test_with_draft_shares_the_target_and_applies_the_draft_precision(pair):
     draft = build_draft(derive_draft_config(target.config, DecodeTiny()), seed=1)
     decoder = SpecDecoder(target, None, DecodeConfig(draft_precision="bf16")).with_draft(draft)
     assert decoder.target is target and next(decoder.draft.parameters()).dtype == torch.bfloat16
+    # no precision asked: the draft follows the target's (e.g. a bf16 model.dtype that load() resolved)
+    follows = SpecDecoder(target, None, DecodeConfig(), precision="bf16").with_draft(
+        build_draft(derive_draft_config(target.config, DecodeTiny()), seed=1)
+    )
+    assert follows.precision == "bf16" and next(follows.draft.parameters()).dtype == torch.bfloat16
 
 
 def DecodeTiny():
