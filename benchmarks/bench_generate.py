@@ -25,7 +25,7 @@ def one_at_a_time(target: str, prompts: list[list[int]], max_new_tokens: int, th
     """(generated tokens, seconds) of plain ``model.generate`` per prompt."""
     import torch
 
-    from fastdraft_ray.distill.batched import generate_batch
+    from fastdraft_ray.models.batched import generate_batch
     from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids
     from fastdraft_ray.models.target import load_target
 

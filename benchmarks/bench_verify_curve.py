@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from fastdraft_ray.distill.batched import generate_batch  # noqa: E402
+from fastdraft_ray.models.batched import generate_batch  # noqa: E402
 from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids  # noqa: E402
 from fastdraft_ray.models.target import load_target  # noqa: E402
 from fastdraft_ray.specdec.stats import measure_verify_cost  # noqa: E402

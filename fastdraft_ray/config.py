@@ -131,6 +131,13 @@ class TrainConfig:
     ft_responses: Literal["target", "original"] = doc(
         "target", "FT data: target (KD data from jobs/generate.py) or original (the datasets' own responses)."
     )
+    proxy_every: int = doc(
+        25, "Optimizer steps between training-proxy scores (train/proxy_acceptance, proxy_top1); 0 = off."
+    )
+    proxy_prompts_per_task: int = doc(4, "Training proxy: held-out prompts per task family (after the evaluated).")
+    proxy_tokens: int = doc(48, "Training proxy: target-written (greedy) tokens per prompt.")
+    proxy_topk: int = doc(32, "Training proxy: target log-probs kept per position (top-k).")
+    proxy_temperature: float = doc(0.6, "Training proxy: temperature of proxy_acceptance (the paper's T = 0.6).")
 
 
 @dataclass
@@ -216,6 +223,12 @@ class EvaluateConfig(DecodeConfig):
     code_chat: bool = doc(False, "Wrap code prompts in the chat template (default: raw HumanEval completion).")
     cpus_per_worker: int = doc(0, "CPU cores (and torch threads) per worker; 0 = all cores / num_workers.")
     use_gpu: bool = doc(False, "Run each worker on one GPU.")
+    gamma_select: list = doc(
+        [],
+        "Gammas to choose from per draft and mode on calibration prompts (held out, disjoint from the reported "
+        "ones): the one of the highest expected speedup is also reported, its rows flagged selected; [] = gamma only.",
+    )
+    calibration_prompts_per_task: int = doc(2, "Calibration prompts per task family for gamma_select.")
 
 
 @dataclass
@@ -495,6 +508,11 @@ RUNTIME_KEYS = {
         "checkpoint_every",
         "eval_every",  # the final val/loss is computed at the last step whatever eval_every is
         "worker_resources",
+        "proxy_every",  # the training proxy only measures: it never changes the weights
+        "proxy_prompts_per_task",
+        "proxy_tokens",
+        "proxy_topk",
+        "proxy_temperature",
     ),
     "generate": ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend", "output"),  # as check_config
     "evaluate": ("drafts",),

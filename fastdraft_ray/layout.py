@@ -15,6 +15,7 @@ run-directory paths. The tree::
     report/                                the pipeline's report
     loss_curve.png                         train/val loss of every finished stage
     draft_init/                            jobs/derive_draft.py's untrained draft
+    proxy/set.npz                          the training proxy's held-out continuations + target top-k
     search/<trial>/                        one isolated run directory per search trial (a RunLayout of its own)
 
 **Remote storage, one policy.** ``storage`` is a local path or NFS mounted on every node (expanded and made
@@ -205,6 +206,11 @@ class RunLayout:
     @property
     def draft_init(self) -> Path:
         return self._path("draft_init")
+
+    @property
+    def proxy_set(self) -> Path:
+        """The training proxy's cached held-out set (train/proxy.py): target-written continuations + top-k."""
+        return self._path("proxy", "set.npz")
 
     def search_trial(self, trial: str) -> RunLayout:
         """An isolated run directory for one search trial, ``<root>/search/<trial>``."""

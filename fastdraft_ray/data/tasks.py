@@ -268,8 +268,12 @@ def load_tasks(
     source: str = "offline",
     max_article_tokens: int = 384,
     code_chat: bool = False,
+    skip: int = 0,
 ) -> dict[str, list[EvalPrompt]]:
     """Build ``prompts_per_task`` prompts for each task family (order of ``tasks`` kept).
+
+    ``skip`` drops the first ``skip`` prompts of the seeded selection: with ``skip`` = the evaluated prompt count
+    (same seed and source) the result is a calibration set disjoint from the evaluated prompts.
 
     Raises ``TaskError`` for an unknown task or source, or when a family has fewer reserved items than asked.
     """
@@ -286,13 +290,14 @@ def load_tasks(
     for task in tasks:
         pool = loader(task)
         available = sum(len(v) for v in pool.values())
-        if available < prompts_per_task:
+        if available < skip + prompts_per_task:
+            asked = f"{prompts_per_task}" + (f" after the {skip} evaluated ones" if skip else "")
             raise TaskError(
                 f"task {task!r} has only {available} held-out items in the {source} sources; "
-                f"lower evaluate.prompts_per_task (asked {prompts_per_task})"
+                f"lower evaluate.prompts_per_task (asked {asked})"
             )
         prompts = []
-        for item in select_items(pool, prompts_per_task, seed, task):
+        for item in select_items(pool, skip + prompts_per_task, seed, task)[skip:]:
             message, chat = format_message(task, item.message, tokenizer, max_article_tokens, code_chat)
             text, ids = render_prompt(tokenizer, message, chat)
             prompts.append(EvalPrompt(task, f"{task}/{item.id}", item.source, text, ids, item.source_text))

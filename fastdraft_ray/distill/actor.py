@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from fastdraft_ray.config import GenerateConfig
-from fastdraft_ray.distill.batched import generate_batch, score_topk
+from fastdraft_ray.models.batched import generate_batch, score_topk
 from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids
 
 

@@ -12,18 +12,38 @@ Per (draft, mode, task), with the definitions of DESIGN.md:
   ratio whenever the lengths match (always under greedy).
 
 Adaptive gamma policies vary gamma, so MBSU and the hardware-aware speedups use the mean gamma per step
-(``mean_gamma``) there.
+(``mean_gamma``) there. ``gamma`` is the row's configured gamma (a draft can be run at several); ``selected`` marks
+the rows at the gamma chosen for that draft and mode on calibration prompts (``evaluate.gamma_select``).
+``speedup_lo`` / ``speedup_hi``: a 90% bootstrap interval of ``speedup`` over the row's prompts (prompts resampled
+with replacement, ``BOOTSTRAP_SAMPLES`` times, fixed seed).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from fastdraft_ray.specdec import stats as S
 
 MODES = ("sampling", "greedy")
 ALL = "all"  # pseudo-task pooling every prompt
 TABLE_METRICS = ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
+BOOTSTRAP_SAMPLES = 2000
+
+
+def speedup_interval(recs: list[dict], level: float = 0.9, seed: int = 0) -> tuple[float, float]:
+    """``(lo, hi)``: the central ``level`` bootstrap interval of the per-token wall-clock speedup over prompts."""
+    base_t = np.array([r["base_wall_time_s"] for r in recs], float)
+    base_n = np.array([r["base_new_tokens"] for r in recs], float)
+    spec_t = np.array([r["wall_time_s"] for r in recs], float)
+    spec_n = np.array([r["new_tokens"] for r in recs], float)
+    idx = np.random.default_rng(seed).integers(0, len(recs), size=(BOOTSTRAP_SAMPLES, len(recs)))
+    ratio = (base_t[idx].sum(1) / np.maximum(base_n[idx].sum(1), 1)) / np.maximum(
+        spec_t[idx].sum(1) / np.maximum(spec_n[idx].sum(1), 1), 1e-12
+    )
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 @dataclass
@@ -54,12 +74,31 @@ class EvalResults:
     tasks: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
 
+    def headline(self, row: dict) -> bool:
+        """Whether ``row`` is its draft and mode's headline: the selected gamma's when one was selected, else the
+        configured ``evaluate.gamma``'s."""
+        selected = any(r["selected"] for r in self.rows if (r["draft"], r["mode"]) == (row["draft"], row["mode"]))
+        return (
+            row.get("selected", False)
+            if selected
+            else row.get("gamma", self.settings["gamma"]) == self.settings["gamma"]
+        )
+
+    def row(self, draft: str, mode: str, task: str, gamma: int | None = None) -> dict | None:
+        """The row of (draft, mode, task) at ``gamma`` (default: the headline row), or None."""
+        for row in self.rows:
+            if (row["draft"], row["mode"], row["task"]) == (draft, mode, task) and (
+                row.get("gamma") == gamma if gamma is not None else self.headline(row)
+            ):
+                return row
+        return None
+
     def metrics(self, draft: str | None = None, mode: str = "sampling") -> dict[str, float]:
-        """Flat ``eval/<task>/<metric>`` dict for one draft (default: the first) and mode."""
+        """Flat ``eval/<task>/<metric>`` dict for one draft (default: the first) and mode (headline rows)."""
         draft = draft or self.drafts[0].name
         out = {}
         for row in self.rows:
-            if row["draft"] == draft and row["mode"] == mode:
+            if row["draft"] == draft and row["mode"] == mode and self.headline(row):
                 for key in (*TABLE_METRICS, "hw_speedup"):
                     out[f"eval/{row['task']}/{key}"] = row[key]
         if not out:
@@ -79,20 +118,25 @@ class EvalResults:
 def aggregate(
     records: list[dict], drafts: list[DraftInfo], gamma: int, tasks: list[str], gamma_policy: str = "constant"
 ) -> list[dict]:
-    """Rows per (draft, mode, task) plus the pooled ``all`` task, with every metric of the module docstring.
-    An adaptive ``gamma_policy`` prices the cost metrics at the mean gamma per step instead of ``gamma``."""
+    """Rows per (draft, gamma, mode, task) plus the pooled ``all`` task, with every metric of the module docstring.
+    Records without a ``gamma`` ran at ``gamma``. An adaptive ``gamma_policy`` prices the cost metrics at the mean
+    gamma per step instead."""
     rows = []
     modes = [m for m in MODES if any(r["mode"] == m for r in records)]
     for info in drafts:
-        for mode in modes:
-            for task in [*tasks, ALL]:
-                recs = [
-                    r
-                    for r in records
-                    if r["draft"] == info.name and r["mode"] == mode and (task == ALL or r["task"] == task)
-                ]
-                if recs:
-                    rows.append(_row(info, mode, task, recs, gamma, gamma_policy != "constant"))
+        for g in sorted({r.get("gamma", gamma) for r in records if r["draft"] == info.name}):
+            for mode in modes:
+                for task in [*tasks, ALL]:
+                    recs = [
+                        r
+                        for r in records
+                        if r["draft"] == info.name
+                        and r.get("gamma", gamma) == g
+                        and r["mode"] == mode
+                        and (task == ALL or r["task"] == task)
+                    ]
+                    if recs:
+                        rows.append(_row(info, mode, task, recs, g, gamma_policy != "constant"))
     return rows
 
 
@@ -132,10 +176,13 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         if info.target_step_s
         else 0.0
     )
+    speedup_lo, speedup_hi = speedup_interval(recs) if spec_per_token > 0 else (0.0, 0.0)
     return {
         "draft": info.name,
         "mode": mode,
         "task": task,
+        "gamma": gamma,
+        "selected": False,  # evaluate() flags the rows at the gamma chosen on calibration prompts
         "prompts": len(recs),
         **tot,
         "acceptance_rate": alpha,
@@ -149,6 +196,8 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         "hw_speedup": hw,
         "hw_speedup_verify": hw_verify,
         "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,
+        "speedup_lo": speedup_lo,
+        "speedup_hi": speedup_hi,
         "target_tokens_per_s": 1.0 / base_per_token if base_per_token else 0.0,
         "spec_tokens_per_s": 1.0 / spec_per_token if spec_per_token else 0.0,
         # greedy only: fraction of prompts whose output equals the target's own greedy output (lossless check)

@@ -27,20 +27,25 @@ CSV_FIELDS = (
     "draft",
     "mode",
     "task",
+    "gamma",
     "prompts",
     "proposed",
     "accepted",
     "steps",
     "new_tokens",
     "acceptance_rate",
+    "alpha_per_token",
     "block_efficiency",
     "ideal_block_efficiency",
+    "selected",
     "mean_gamma",
     "plain_steps",
     "mbsu",
     "hw_speedup",
     "hw_speedup_verify",
     "speedup",
+    "speedup_lo",
+    "speedup_hi",
     "target_tokens_per_s",
     "spec_tokens_per_s",
     "matches_target",
@@ -50,19 +55,27 @@ CSV_FIELDS = (
 )
 
 
-def _groups(results: EvalResults) -> list[tuple[str, str]]:
-    seen: list[tuple[str, str]] = []
+def _groups(results: EvalResults) -> list[tuple[str, int, str]]:
+    """(draft, gamma, mode) in row order."""
+    seen: list[tuple[str, int, str]] = []
     for row in results.rows:
-        if (row["draft"], row["mode"]) not in seen:
-            seen.append((row["draft"], row["mode"]))
+        key = (row["draft"], row.get("gamma", results.settings["gamma"]), row["mode"])
+        if key not in seen:
+            seen.append(key)
     return seen
 
 
-def _value(results: EvalResults, draft: str, mode: str, task: str, metric: str) -> float | None:
-    for row in results.rows:
-        if (row["draft"], row["mode"], row["task"]) == (draft, mode, task):
-            return row[metric]
-    return None
+def _value(results: EvalResults, draft: str, gamma: int, mode: str, task: str, metric: str) -> float | None:
+    row = results.row(draft, mode, task, gamma)
+    return None if row is None else row[metric]
+
+
+def _group_label(results: EvalResults, draft: str, gamma: int, mode: str) -> str:
+    """The draft's name, with its gamma when it ran at several (``*``: the gamma selected on calibration)."""
+    if len({g for d, g, _ in _groups(results) if d == draft}) == 1 and not results.settings.get("selected_gamma"):
+        return draft
+    row = results.row(draft, mode, ALL, gamma) or {}
+    return f"{draft} γ={gamma}{'*' if row.get('selected') else ''}"
 
 
 def markdown_table(results: EvalResults) -> str:
@@ -70,15 +83,29 @@ def markdown_table(results: EvalResults) -> str:
     tasks = [*results.tasks, ALL]
     head = ["draft", "mode"] + [f"{t} {LABELS[m]}" for t in tasks for m in TABLE_METRICS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for draft, mode in _groups(results):
-        cells = [draft, mode]
+    for draft, gamma, mode in _groups(results):
+        cells = [_group_label(results, draft, gamma, mode), mode]
         for task in tasks:
             for metric in TABLE_METRICS:
-                value = _value(results, draft, mode, task, metric)
+                value = _value(results, draft, gamma, mode, task, metric)
                 cells.append(
                     "—" if value is None else f"{value:.3f}" if metric == "acceptance_rate" else f"{value:.2f}"
                 )
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def interval_table(results: EvalResults) -> str:
+    """Per draft x mode: the pooled speedup with its 90% bootstrap interval over prompts, and the gamma charged."""
+    lines = ["| draft | mode | γ | α/token | speedup (all) | 90% interval |", "|---|---|---:|---:|---:|---|"]
+    for row in results.rows:
+        if row["task"] == ALL:
+            mark = " (selected)" if row.get("selected") else ""
+            lines.append(
+                f"| {row['draft']} | {row['mode']} | {row.get('gamma', results.settings['gamma']):g}{mark} | "
+                f"{row.get('alpha_per_token', 0.0):.3f} | {row['speedup']:.2f} | "
+                f"[{row.get('speedup_lo', 0.0):.2f}, {row.get('speedup_hi', 0.0):.2f}] |"
+            )
     return "\n".join(lines)
 
 
@@ -101,6 +128,8 @@ speculative, same prompts, per emitted token. `all` pools every prompt.
 
 {markdown_table(results)}
 
+{interval_table(results)}
+
 | draft | path | params | c (bytes) | draft step ms | target step ms | verify (γ+1) ms |
 |---|---|---:|---:|---:|---:|---:|
 {drafts}
@@ -118,9 +147,10 @@ def _plot(results: EvalResults, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(len(groups), 1)
     for ax, metric in zip(axes, ("acceptance_rate", "speedup"), strict=True):
-        for i, (draft, mode) in enumerate(groups):
-            values = [_value(results, draft, mode, t, metric) or 0.0 for t in tasks]
-            ax.bar([x + i * width for x in range(len(tasks))], values, width, label=f"{draft} ({mode})")
+        for i, (draft, gamma, mode) in enumerate(groups):
+            values = [_value(results, draft, gamma, mode, t, metric) or 0.0 for t in tasks]
+            label = f"{_group_label(results, draft, gamma, mode)} ({mode})"
+            ax.bar([x + i * width for x in range(len(tasks))], values, width, label=label)
         ax.set_xticks([x + width * (len(groups) - 1) / 2 for x in range(len(tasks))], tasks, rotation=15)
         ax.set_title({"acceptance_rate": "acceptance rate α", "speedup": "wall-clock speedup"}[metric])
         if metric == "speedup":
@@ -178,17 +208,17 @@ def summary(results: EvalResults) -> str:
         f"{s.get('precision', 'fp32')}, {len(results.tasks)} tasks, "
         f"{s['prompts_per_task']} prompts each, {results.wall_time_s:.0f} s"
     ]
-    for draft, mode in _groups(results):
-        row = next(r for r in results.rows if (r["draft"], r["mode"], r["task"]) == (draft, mode, ALL))
+    for draft, gamma, mode in _groups(results):
+        row = results.row(draft, mode, ALL, gamma)
         lines.append(
-            f"  {draft:<24} {mode:<8} α={row['acceptance_rate']:.3f}  τ={row['block_efficiency']:.2f}  "
+            f"  {_group_label(results, draft, gamma, mode):<24} {mode:<8} α={row['acceptance_rate']:.3f}  τ={row['block_efficiency']:.2f}  "
             f"MBSU={row['mbsu']:.2f}  hw={row['hw_speedup']:.2f}  wall-clock={row['speedup']:.2f}x  "
             f"({row['spec_tokens_per_s']:.1f} vs {row['target_tokens_per_s']:.1f} tok/s)"
         )
         per_task = "  ".join(
             f"{r['task']}={r['acceptance_rate']:.2f}"
             for r in results.rows
-            if (r["draft"], r["mode"]) == (draft, mode) and r["task"] != ALL
+            if (r["draft"], r["mode"], r.get("gamma", gamma)) == (draft, mode, gamma) and r["task"] != ALL
         )
         same = (
             "" if row["matches_target"] is None else f"  (output = target's greedy: {row['matches_target']:.0%})"

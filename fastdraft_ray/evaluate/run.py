@@ -26,7 +26,7 @@ import torch
 
 from fastdraft_ray.config import ConfigError, EvaluateConfig, ModelConfig, check_choices
 from fastdraft_ray.data.tasks import EvalPrompt, load_tasks
-from fastdraft_ray.evaluate.metrics import MODES, DraftInfo, EvalResults, aggregate
+from fastdraft_ray.evaluate.metrics import ALL, MODES, DraftInfo, EvalResults, aggregate
 from fastdraft_ray.evaluate.worker import Evaluator
 from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
 from fastdraft_ray.models.target import DTYPES, load_target_config, load_tokenizer
@@ -76,7 +76,11 @@ def _threads(cfg: EvaluateConfig) -> int:
 
 
 def _run_workers(
-    model: ModelConfig, drafts: dict[str, str], prompts: list[EvalPrompt], cfg: EvaluateConfig
+    model: ModelConfig,
+    drafts: dict[str, str],
+    prompts: list[EvalPrompt],
+    cfg: EvaluateConfig,
+    gammas: dict[str, list[int]] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Evaluate prompts one at a time, here (1 worker on CPU) or on ``num_workers`` Ray actors, with a progress
     bar; records come back in prompt order whatever the worker count."""
@@ -86,7 +90,7 @@ def _run_workers(
     if cfg.num_workers == 1 and not cfg.use_gpu:
         previous = torch.get_num_threads()
         try:
-            evaluator = Evaluator(model, drafts, cfg, _threads(cfg))
+            evaluator = Evaluator(model, drafts, cfg, _threads(cfg), gammas)
             records = []
             for prompt in prompts:
                 records += evaluator.run([prompt])[0]
@@ -102,7 +106,9 @@ def _run_workers(
         raise EvaluationError("evaluate.num_workers > 1 needs Ray: call ray.init() first (jobs/evaluate.py does)")
     threads = _threads(cfg)
     actor_cls = ray.remote(num_cpus=threads, num_gpus=1 if cfg.use_gpu else 0)(Evaluator)
-    actors = [actor_cls.remote(model, drafts, cfg, threads) for _ in range(min(cfg.num_workers, len(prompts)))]
+    actors = [
+        actor_cls.remote(model, drafts, cfg, threads, gammas) for _ in range(min(cfg.num_workers, len(prompts)))
+    ]
     records = []
     try:
         for recs, _ in ActorPool(actors).map(lambda actor, prompt: actor.run.remote([prompt]), prompts):
@@ -137,6 +143,10 @@ def evaluate(
         raise EvaluationError("sampling mode needs evaluate.temperature > 0 (greedy is its own mode)")
     if cfg.num_workers < 1 or cfg.gamma < 1 or cfg.max_new_tokens < 1 or cfg.max_gamma < 1:
         raise EvaluationError("evaluate.num_workers, gamma, max_gamma and max_new_tokens must all be >= 1")
+    if any(not isinstance(g, int) or g < 1 for g in cfg.gamma_select):
+        raise EvaluationError(f"evaluate.gamma_select must list gammas >= 1, got {cfg.gamma_select}")
+    if cfg.gamma_select and cfg.calibration_prompts_per_task < 1:
+        raise EvaluationError("evaluate.gamma_select needs evaluate.calibration_prompts_per_task >= 1")
     if cfg.prior_alpha > 1.0:
         raise EvaluationError(f"evaluate.prior_alpha must be in [0, 1] (or < 0: unknown), got {cfg.prior_alpha}")
     if not 0.0 <= cfg.confidence_threshold < 1.0:
@@ -183,15 +193,47 @@ def evaluate(
         cfg.num_workers,
     )
     workers_cfg = dataclasses.replace(cfg, precision=precision, draft_precision=draft_precision)  # as resolved
-    records, latencies = _run_workers(model, drafts, flat, workers_cfg)
+    tasks = list(prompts)
+    chosen: dict[str, dict[str, int]] = {}
+    if cfg.gamma_select:
+        calibration = load_tasks(
+            tokenizer,
+            tasks,
+            cfg.calibration_prompts_per_task,
+            cfg.seed,
+            cfg.source,
+            cfg.max_article_tokens,
+            cfg.code_chat,
+            skip=max(len(v) for v in prompts.values()),
+        )
+        chosen, settings["calibration"] = _select_gammas(model, drafts, calibration, workers_cfg, tasks)
+        settings.update(
+            gamma_select=list(cfg.gamma_select),
+            selected_gamma=chosen,
+            calibration_prompts_per_task=cfg.calibration_prompts_per_task,
+        )
+    gammas = {name: sorted({cfg.gamma, *chosen.get(name, {}).values()}) for name in drafts}
+    records, latencies = _run_workers(model, drafts, flat, workers_cfg, gammas)
     order = {p.id: i for i, p in enumerate(flat)}
-    records.sort(key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"])))
+    records.sort(
+        key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"]), r["gamma"])
+    )
+    infos = _draft_infos(model, drafts, latencies, draft_precision)
+    rows = aggregate(records, infos, cfg.gamma, tasks, cfg.gamma_policy)
+    for row in rows:
+        row["selected"] = chosen.get(row["draft"], {}).get(row["mode"]) == row["gamma"]
+    return EvalResults(model.target, settings, infos, records, rows, tasks, time.perf_counter() - start)
 
+
+def _draft_infos(
+    model: ModelConfig, drafts: dict[str, str], latencies: list[dict], precision: str
+) -> list[DraftInfo]:
+    """Each draft's size, c and the latencies its workers measured (means over workers)."""
     target_bytes = _target_param_bytes(model)
     infos = []
     for name, path in drafts.items():
         d_model = load_draft(path)
-        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model), precision=draft_precision)
+        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model), precision=precision)
         info.c_params = info.param_bytes / target_bytes
         worker_lat = [lat[name] for lat in latencies if name in lat]
         for key in ("draft_step_s", "target_step_s", "verify_step_s"):
@@ -200,16 +242,42 @@ def evaluate(
             curves = [w["verify_cost"] for w in worker_lat]
             info.verify_cost = [sum(v) / len(curves) for v in zip(*curves, strict=True)]
         infos.append(info)
-    tasks = list(prompts)
-    return EvalResults(
-        model.target,
-        settings,
-        infos,
-        records,
-        aggregate(records, infos, cfg.gamma, tasks, cfg.gamma_policy),
-        tasks,
-        time.perf_counter() - start,
-    )
+    return infos
+
+
+def _select_gammas(
+    model: ModelConfig, drafts: dict[str, str], prompts: dict[str, list[EvalPrompt]], cfg: EvaluateConfig, tasks
+) -> tuple[dict[str, dict[str, int]], dict]:
+    """Per draft and mode, the gamma of ``cfg.gamma_select`` with the highest expected speedup
+    ``tau(alpha, gamma) / (gamma c + v(gamma + 1))``, from the alpha/token measured on the calibration ``prompts``
+    (run at the largest candidate, so the measured verify curve covers every candidate) and the measured c; and
+    what the choice was based on."""
+    from fastdraft_ray.specdec.stats import expected_speedup
+
+    flat = [p for rows in prompts.values() for p in rows]
+    log.info("choosing gamma from %s on %d calibration prompts", list(cfg.gamma_select), len(flat))
+    cfg = dataclasses.replace(cfg, gamma=max(cfg.gamma_select))
+    records, latencies = _run_workers(model, drafts, flat, cfg)
+    infos = {info.name: info for info in _draft_infos(model, drafts, latencies, cfg.draft_precision)}
+    chosen: dict[str, dict[str, int]] = {}
+    basis: dict = {}
+    for row in aggregate(records, list(infos.values()), cfg.gamma, tasks):
+        if row["task"] != ALL:
+            continue
+        info = infos[row["draft"]]
+        c = info.draft_step_s / info.target_step_s if info.target_step_s else 1.0
+        curve = tuple(info.verify_cost) or None
+        alpha = row["alpha_per_token"]
+        predicted = {int(g): expected_speedup(alpha, int(g), c, curve) for g in cfg.gamma_select}
+        best = max(predicted, key=predicted.get)
+        chosen.setdefault(row["draft"], {})[row["mode"]] = best
+        basis.setdefault(row["draft"], {})[row["mode"]] = {
+            "alpha_per_token": alpha,
+            "c": c,
+            "prompts": row["prompts"],
+            "predicted_speedup": {str(g): s for g, s in predicted.items()},
+        }
+    return chosen, basis
 
 
 def _target_param_bytes(model: ModelConfig) -> int:

@@ -28,15 +28,24 @@ def prompt_seed(seed: int, prompt_id: str) -> int:
 class Evaluator:
     """Holds the target and every draft (loaded once) and evaluates prompts; also the Ray actor body.
 
-    ``cfg``: the evaluation settings with ``precision``/``draft_precision`` already resolved."""
+    ``cfg``: the evaluation settings with ``precision``/``draft_precision`` already resolved; ``gammas``: per
+    draft, the gammas it is run at (default ``[cfg.gamma]``), each against the same target-alone baseline."""
 
-    def __init__(self, target: ModelConfig, drafts: dict[str, str], cfg: EvaluateConfig, threads: int = 0):
+    def __init__(
+        self,
+        target: ModelConfig,
+        drafts: dict[str, str],
+        cfg: EvaluateConfig,
+        threads: int = 0,
+        gammas: dict[str, list[int]] | None = None,
+    ):
         if threads > 0:
             torch.set_num_threads(threads)
         device = "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
         self.cfg = cfg
         self.target_only = SpecDecoder.load(target, None, cfg, device)
         self.decoders = {name: self.target_only.with_draft(load_draft(path)) for name, path in drafts.items()}
+        self.gammas = {name: list((gammas or {}).get(name) or [cfg.gamma]) for name in drafts}
         self.device = self.target_only.device
         self._latencies: dict | None = None
 
@@ -84,15 +93,17 @@ class Evaluator:
             seed = prompt_seed(self.cfg.seed, prompt.id)
             base = self.target_only.generate(prompt.input_ids, generator=self._gen(seed), **kw)
             for name, decoder in self.decoders.items():
-                spec = decoder.generate(prompt.input_ids, generator=self._gen(seed), **kw)
-                records.append(_record(prompt, name, mode, spec, base))
+                for gamma in self.gammas[name]:
+                    at_gamma = decoder if gamma == decoder.settings.gamma else decoder.with_gamma(gamma)
+                    spec = at_gamma.generate(prompt.input_ids, generator=self._gen(seed), **kw)
+                    records.append(_record(prompt, name, mode, spec, base, gamma))
         return records
 
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
 
-def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base) -> dict:
+def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base, gamma: int) -> dict:
     st = spec.stats
     return {
         "task": prompt.task,
@@ -100,6 +111,7 @@ def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base) -> dict:
         "prompt_tokens": len(prompt.input_ids),
         "draft": draft,
         "mode": mode,
+        "gamma": gamma,
         "proposed": st.proposed,
         "accepted": st.accepted,
         "steps": st.steps,

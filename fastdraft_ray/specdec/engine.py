@@ -13,6 +13,7 @@ search and the server all decode through it, reading one typed settings section,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,6 +87,19 @@ class SpecDecoder:
         target = prepare_for_inference(target, precision, inplace=True)
         decoder = cls(target, None, settings, tokenizer=tokenizer, precision=precision)
         return decoder.with_draft(load_draft(draft)) if draft else decoder
+
+    def with_gamma(self, gamma: int) -> SpecDecoder:
+        """The same target and draft (no copy, no re-preparation) proposing ``gamma`` tokens per step."""
+        decoder = SpecDecoder(
+            self.target,
+            self.draft,
+            dataclasses.replace(self.settings, gamma=gamma),
+            tokenizer=self.tokenizer,
+            stop_ids=self.stop_ids,
+            precision=self.precision,
+        )
+        decoder.costs = self.costs
+        return decoder
 
     def with_draft(self, draft: PreTrainedModel) -> SpecDecoder:
         """A decoder sharing this one's target (no copy) with ``draft``, prepared at the draft precision."""

@@ -54,3 +54,64 @@ def plot_loss_curves(layout: RunLayout, out_png: str | Path, stages: tuple[str, 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+PROXY_TAGS = ("train/proxy_acceptance", "train/proxy_top1", "train/elapsed_s")
+COMPUTE_ORDER = ("pt", "cp", "generate", "ft")  # the pipeline's order of the stages that cost compute
+
+
+def stage_wall_s(layout: RunLayout, stage: str) -> float | None:
+    """Wall seconds a finished stage took (its DONE.json), None if it has not finished."""
+    import json
+
+    done = layout.kd.done if stage == "generate" else layout.stage(stage).done
+    return float(json.loads(done.read_text())["wall_time_s"]) if done.exists() else None
+
+
+def proxy_curve(layout: RunLayout) -> list[dict]:
+    """The training proxy against wall minutes spent, stages end to end in pipeline order (PT, CP, KD generation,
+    FT): rows ``{stage, step, minutes, proxy_acceptance, proxy_top1}`` from each stage's TensorBoard scalars.
+
+    Within a stage the clock is its ``train/elapsed_s``; each finished stage then adds its whole DONE.json wall time
+    (start-up and export included), so a later stage's points sit after everything spent before it."""
+    rows, offset = [], 0.0
+    for stage in COMPUTE_ORDER:
+        if stage != "generate" and layout.stage(stage).tensorboard.exists():
+            scalars = {k: dict(v) for k, v in read_scalars(layout.stage(stage).tensorboard, PROXY_TAGS).items()}
+            for step, value in sorted(scalars["train/proxy_acceptance"].items()):
+                rows.append(
+                    {
+                        "stage": stage,
+                        "step": step,
+                        "minutes": (offset + scalars["train/elapsed_s"].get(step, 0.0)) / 60,
+                        "proxy_acceptance": value,
+                        "proxy_top1": scalars["train/proxy_top1"].get(step),
+                    }
+                )
+        offset += stage_wall_s(layout, stage) or 0.0
+    return rows
+
+
+def plot_proxy_curves(curves: dict[str, list[dict]], out_png: str | Path, title: str = "") -> Path:
+    """Proxy acceptance and top-1 against wall minutes, one line per labelled run (``proxy_curve`` rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key in zip(axes, ("proxy_acceptance", "proxy_top1"), strict=True):
+        for label, rows in curves.items():
+            pts = [r for r in rows if r.get(key) is not None]
+            ax.plot([r["minutes"] for r in pts], [r[key] for r in pts], "o-", ms=3, label=label)
+        ax.set_xlabel("wall minutes spent (PT, CP, KD generation, FT end to end)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "training proxy against compute")
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,10 +1,17 @@
-"""The DeepSpeed config dict for one training stage, built from the typed ``TrainConfig``.
+"""The DeepSpeed config dict for one training stage, built from the typed ``TrainConfig``, and its LR schedule.
 
 ZeRO stage 0-3, fp32 or bf16 (fp16 needs a GPU), micro-batch and gradient accumulation, gradient clipping, AdamW,
-linear warm-up then cosine decay to ``min_lr_ratio`` x the peak, optional optimizer offload to CPU memory.
+optional optimizer offload to CPU memory. The schedule (``lr_scheduler``, passed to ``deepspeed.initialize``):
+linear warm-up, optimizer step ``n`` of ``W`` at ``n / W`` of the peak, then cosine decay to ``min_lr_ratio`` x the
+peak at the last step.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+
+import torch
 
 from fastdraft_ray.config import TrainConfig
 
@@ -46,16 +53,27 @@ def deepspeed_config(train: TrainConfig, total_steps: int, use_gpu: bool | None 
                 "torch_adam": not use_gpu,
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": total_steps,
-                "warmup_num_steps": max(1, min(train.warmup_steps, total_steps)),
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": train.min_lr_ratio,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_ratio(completed_steps: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """The fraction of the peak LR for optimizer step ``completed_steps + 1`` (see the module docstring)."""
+    n, warmup = completed_steps + 1, max(1, min(warmup_steps, total_steps))
+    if n <= warmup:
+        return n / warmup
+    progress = min(1.0, (n - warmup) / max(1, total_steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(train: TrainConfig, total_steps: int):
+    """``optimizer -> LambdaLR`` following ``lr_ratio``, for ``deepspeed.initialize(lr_scheduler=...)``.
+
+    Not DeepSpeed's ``WarmupCosineLR``: that one runs the first two optimizer steps at LR 0 (its constructor sets 0,
+    and its first ``step()`` computes 0 / warm-up), a quarter of an 8-step run, and more of a short trial.
+    """
+    ratio = functools.partial(
+        lr_ratio, warmup_steps=train.warmup_steps, total_steps=total_steps, min_ratio=train.min_lr_ratio
+    )
+    return functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=ratio)

@@ -7,6 +7,8 @@ validation, TensorBoard, checkpoints with the data position, resume, and the fin
   stage_dir      ``<run_dir>/<stage>``: TensorBoard in ``tb/``, the export in ``export/`` (shared storage)
   seq_len, rows_per_epoch, data_start_row   data geometry (see ``position.py``)
   has_val        whether a "val" dataset was passed (validation loss every ``eval_every`` steps)
+  proxy          optional ``proxy.ProxySet``: the training proxy is scored before the first step, every
+                 ``train.proxy_every`` steps and after the last (``train/proxy_acceptance``, ``train/proxy_top1``)
   kd_layout      optional (FT): the shards hold fixed-width distillation rows (``kd_rows.RowLayout``); the loss
                  is then ``train.kd_loss`` on response positions instead of next-token loss on packed rows
   trace_dir      optional: every rank appends one JSON line per optimizer step (rows trained, loss) -- an audit
@@ -36,6 +38,7 @@ from fastdraft_ray.config import TrainConfig, config_from_dict
 from fastdraft_ray.layout import StageLayout
 from fastdraft_ray.train.losses import make_loss_fn
 from fastdraft_ray.train.position import DataPosition, Geometry, row_id
+from fastdraft_ray.train.proxy import SCORE_ROWS, ProxySet, score_rows, summarize
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"
@@ -103,6 +106,21 @@ def _validate(engine, rows: np.ndarray | None, geo: Geometry, rank: int, loss_fn
         total += loss_fn(engine, torch.from_numpy(mine).to(engine.device)).item() * share
     engine.train()
     return _mean_across([total / (len(rows) // geo.world_size)], engine.device)[0]
+
+
+def _score_proxy(engine, proxy: ProxySet | None, temperature: float, rank: int, world: int) -> dict[str, float]:
+    """The training proxy of the current weights: every rank scores a share of the rows, sums are averaged
+    (ratios are unchanged by the averaging); empty without a proxy set."""
+    if proxy is None:
+        return {}
+    engine.eval()
+    share = -(-len(proxy) // world)
+    totals = score_rows(engine, proxy, list(range(rank, len(proxy), world)), temperature, -(-share // SCORE_ROWS))
+    engine.train()
+    tasks = list(totals)
+    flat = _mean_across([x for task in tasks for x in totals[task]], engine.device)
+    scores = summarize({task: np.array(flat[3 * i : 3 * i + 3]) for i, task in enumerate(tasks)})
+    return {(f"train/{k}" if k.startswith("proxy_") else f"proxy/{k}"): v for k, v in scores.items()}
 
 
 def _save(engine, position: DataPosition, geo: Geometry, metrics: dict, rank: int) -> None:
@@ -181,7 +199,7 @@ def train_fn_per_worker(config: dict) -> None:
     import deepspeed
 
     from fastdraft_ray.models.draft import load_draft
-    from fastdraft_ray.train.deepspeed import deepspeed_config
+    from fastdraft_ray.train.deepspeed import deepspeed_config, lr_scheduler
 
     train = config_from_dict(config["run"]).train
     torch.set_num_threads(train.cpus_per_worker)
@@ -198,6 +216,7 @@ def train_fn_per_worker(config: dict) -> None:
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(train, total_steps),
+        lr_scheduler=lr_scheduler(train, total_steps),
     )
     position, last_metrics = DataPosition(0, 0, int(config["rows_per_epoch"])), {}
     checkpoint = ray.train.get_checkpoint()
@@ -225,7 +244,23 @@ def train_fn_per_worker(config: dict) -> None:
     start_row = int(config.get("data_start_row", 0))
     batches = _batches(ray.train.get_dataset_shard("train"), geo, position.rows_consumed - start_row)
     window_time, window_steps, val_loss = 0.0, 0, last_metrics.get("val/loss")
+    proxy, proxy_scores = config.get("proxy"), {k: v for k, v in last_metrics.items() if "proxy" in k}
+    elapsed_before, loop_start = float(last_metrics.get("train/elapsed_s", 0.0)), time.perf_counter()
+
+    def log_proxy(at_step: int) -> None:
+        if proxy is None:
+            return
+        proxy_scores.update(_score_proxy(engine, proxy, train.proxy_temperature, rank, world))
+        if writer is not None:
+            for name, value in proxy_scores.items():
+                writer.add_scalar(name, value, at_step)
+            writer.add_scalar("train/elapsed_s", elapsed_before + time.perf_counter() - loop_start, at_step)
+            acceptance, top1 = (proxy_scores.get(f"train/proxy_{k}", float("nan")) for k in ("acceptance", "top1"))
+            log.info("step %d: proxy acceptance %.4f, top-1 %.4f", at_step, acceptance, top1)
+
     step = position.step
+    if step == 0:
+        log_proxy(0)
     while step < total_steps:
         t0 = time.perf_counter()
         losses, ids = [], []
@@ -272,6 +307,8 @@ def train_fn_per_worker(config: dict) -> None:
             val_loss = _validate(engine, val_rows, geo, rank, loss_fn)
             if writer is not None and val_loss is not None:
                 writer.add_scalar("val/loss", val_loss, step)
+        if (train.proxy_every > 0 and step % train.proxy_every == 0) or step == total_steps:
+            log_proxy(step)
         metrics = {
             "step": step,
             "train/loss": mean_loss,
@@ -279,6 +316,8 @@ def train_fn_per_worker(config: dict) -> None:
             "val/loss": val_loss,
             "train/tokens_seen": position.rows_consumed * geo.seq_len,
             "train/samples_seen": position.rows_consumed,
+            "train/elapsed_s": elapsed_before + time.perf_counter() - loop_start,
+            **proxy_scores,
         }
         if step == total_steps:
             _export(engine, config["init_dir"], stage.export, train, rank)

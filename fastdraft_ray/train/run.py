@@ -6,7 +6,8 @@ resumes the same run):
 
   init/          the draft the stage starts from (PT: random, derived from the target; CP: the PT export)
   step_<N>/      Ray Train checkpoints: DeepSpeed state (``ds/``) + ``train_state.json`` (data position)
-  tb/            TensorBoard scalars (train/loss, train/tokens_per_s, train/lr, val/loss, samples/tokens seen)
+  tb/            TensorBoard scalars (train/loss, train/tokens_per_s, train/lr, val/loss, samples/tokens seen,
+                 train/proxy_acceptance, train/proxy_top1, proxy/<family>/..., train/elapsed_s)
   export/        the trained draft as a plain HF folder (safetensors + the target's tokenizer): the hand-off
   DONE.json      config, metrics, wall time, input fingerprints; present only once the stage finished
 
@@ -196,7 +197,13 @@ def train_stage(
     datasets = build_datasets(
         data_dir, cfg, start_row, max(start_row, total_steps * geo.rows_per_step), tokenizer_hash, rows_per_epoch
     )
+    proxy = None
+    if tc.proxy_every > 0:
+        from fastdraft_ray.train.proxy import load_or_build
+
+        proxy = load_or_build(cfg)
     loop_config = {
+        "proxy": proxy,
         "run": to_dict(cfg),
         "init_dir": str(init_dir),
         "stage_dir": str(sdir),

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fastdraft_ray.distill.batched import generate_batch, score_topk
 from fastdraft_ray.distill.generate import read_kd
+from fastdraft_ray.models.batched import generate_batch, score_topk
 from tests.distill.conftest import gen_config, write_alpaca
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,9 +21,9 @@ def test_real_target_kd_generation(smollm2):
 
 def _check_real_target(smollm2):
     from fastdraft_ray.data.holdout import is_reserved_for_eval
-    from fastdraft_ray.distill.batched import generate_batch, score_topk
     from fastdraft_ray.distill.magpie import user_turn_prefix
     from fastdraft_ray.distill.prompts import load_prompts
+    from fastdraft_ray.models.batched import generate_batch, score_topk
     from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids
 
     model, tok = smollm2

@@ -79,6 +79,31 @@ def test_end_to_end_writes_every_report_file(tmp_path, tiny_pair, prompts):
     assert "α=" in summary(res)
 
 
+def test_gamma_is_selected_on_calibration_prompts_and_flagged(tmp_path, tiny_pair, prompts):
+    """gamma_select: each draft and mode is also run at the gamma of the best expected speedup on calibration
+    prompts that are not the reported ones; those rows are the headline, flagged selected, the paper's gamma kept."""
+    target, draft = tiny_pair
+    cfg = EvaluateConfig(**FAST, gamma_select=[1, 3], calibration_prompts_per_task=1)
+    res = evaluate(ModelConfig(target=target), [draft], cfg, prompts=prompts)
+    chosen = res.settings["selected_gamma"]["draft"]
+    for mode in ("sampling", "greedy"):
+        basis = res.settings["calibration"]["draft"][mode]
+        assert basis["prompts"] == len(TASKS) and set(basis["predicted_speedup"]) == {"1", "3"}
+        assert chosen[mode] == int(max(basis["predicted_speedup"], key=basis["predicted_speedup"].get))
+        assert res.row("draft", mode, ALL)["gamma"] == chosen[mode] and res.row("draft", mode, ALL)["selected"]
+        assert res.row("draft", mode, ALL, gamma=3)["gamma"] == 3  # the paper's gamma is always reported
+    assert chosen["greedy"] == 1  # a random draft's argmax is (almost) never the target's: the cheapest gamma
+    assert sum(r["selected"] for r in res.rows) == 2 * (len(TASKS) + 1)  # one gamma per mode, every task + all
+    assert all(r["matches_target"] == 1.0 for r in res.rows if r["mode"] == "greedy")
+    reported = {p.id for rows in prompts.values() for p in rows}
+    assert {r["prompt_id"] for r in res.records} == reported  # calibration prompts are not in the records
+    write_report(res, RunLayout.at(tmp_path / "run").eval_dir)
+    md = (tmp_path / "run/eval/results.md").read_text()
+    assert "draft γ=1*" in md and "draft γ=3" in md and "(selected)" in md
+    with pytest.raises(EvaluationError, match="gamma_select"):
+        evaluate(ModelConfig(target=target), [draft], EvaluateConfig(**FAST, gamma_select=[0]), prompts=prompts)
+
+
 def test_greedy_results_do_not_depend_on_worker_count(ray_local, tiny_pair, prompts):
     target, draft = tiny_pair
     one = evaluate(

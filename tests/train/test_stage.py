@@ -63,12 +63,19 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
         "train/tokens_seen",
     } <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, total + 1))
+    # the training proxy: before the first step and after the last (proxy_every=25 > 24 steps), in [0, 1]
+    assert [e.step for e in events.Scalars("train/proxy_acceptance")] == [0, total]
+    assert {"train/proxy_top1", "train/elapsed_s", "proxy/code/acceptance", "proxy/story/top1"} <= tags
+    assert 0.0 <= record["metrics"]["train/proxy_acceptance"] <= 1.0
+    assert record["metrics"]["train/proxy_acceptance"] == events.Scalars("train/proxy_acceptance")[-1].value
 
     # the finished stage is recognised by the job (same training settings) and skipped, whatever the
     # evaluation settings or speed-only knobs say; other training settings are refused
     assert completed_record(cfg)["metrics"] == record["metrics"]
     other_sections = dataclasses.replace(
-        cfg, evaluate=dataclasses.replace(cfg.evaluate, gamma=5), train=dataclasses.replace(cfg.train, log_every=7)
+        cfg,
+        evaluate=dataclasses.replace(cfg.evaluate, gamma=5),
+        train=dataclasses.replace(cfg.train, log_every=7, proxy_every=3, proxy_tokens=5),
     )
     assert completed_record(other_sections)["metrics"] == record["metrics"]
     with pytest.raises(ValueError, match="different model/draft/data/train settings"):

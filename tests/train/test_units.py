@@ -54,8 +54,42 @@ def test_deepspeed_config_follows_the_typed_config(zero, precision):
     assert ds["gradient_clipping"] == 0.5 and ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["torch_adam"] is True  # CPU: no JIT-built fused Adam
     assert deepspeed_config(tc, 100, use_gpu=True)["optimizer"]["params"]["torch_adam"] is False
-    sched = ds["scheduler"]["params"]
-    assert (sched["total_num_steps"], sched["warmup_num_steps"], sched["cos_min_ratio"]) == (100, 10, 0.2)
+    assert "scheduler" not in ds  # the schedule is lr_scheduler's (below)
+
+
+def test_lr_schedule_trains_from_the_first_step_and_ends_at_the_floor():
+    """Every optimizer step moves the weights (DeepSpeed's WarmupCosineLR ran steps 1 and 2 at LR 0), the warm-up
+    is linear to the peak, the decay cosine to min_lr_ratio; a real DeepSpeed engine follows it."""
+    import os
+
+    import deepspeed
+
+    from fastdraft_ray.train.deepspeed import lr_ratio, lr_scheduler
+
+    tc = TrainConfig(warmup_steps=4, lr=1e-2, min_lr_ratio=0.1, micro_batch_size=1, zero_stage=0)
+    ratios = [lr_ratio(s, warmup_steps=4, total_steps=10, min_ratio=0.1) for s in range(10)]
+    assert ratios[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a > b for a, b in zip(ratios[3:], ratios[4:], strict=False)) and ratios[-1] == pytest.approx(0.1)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    model = torch.nn.Linear(4, 1)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=deepspeed_config(tc, 10),
+        lr_scheduler=lr_scheduler(tc, 10),
+    )
+    used = []
+    try:
+        for _ in range(10):
+            used.append(optimizer.param_groups[0]["lr"] / tc.lr)
+            before = model.weight.detach().clone()
+            engine.backward(engine(torch.ones(1, 4)).sum())
+            engine.step()
+            assert not torch.equal(before, model.weight.detach())
+    finally:
+        torch.distributed.destroy_process_group()  # this pytest process is not a training worker
+    assert used == pytest.approx(ratios)
 
 
 def test_deepspeed_config_refuses_bad_settings():
