@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import resource
 import subprocess
@@ -30,20 +29,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def plain_loop(init_dir: str, data_dir: str, steps: int, rows_per_step: int, warmup: int, threads: int, lr: float):
-    """The baseline: one process, ``threads`` torch threads, torch AdamW, same schedule shape and clipping."""
+def plain_loop(
+    init_dir: str,
+    data_dir: str,
+    steps: int,
+    rows_per_step: int,
+    warmup: int,
+    threads: int,
+    lr: float,
+    warmup_steps: int = 2,
+    min_lr_ratio: float = 0.1,
+):
+    """The baseline: one process, ``threads`` torch threads, torch AdamW, the same schedule and clipping."""
     import pyarrow.parquet as pq
     import torch
 
     from fastdraft_ray.models.draft import load_draft
+    from fastdraft_ray.train.deepspeed import lr_ratio
     from fastdraft_ray.train.losses import lm_loss
 
     start = time.perf_counter()
     torch.set_num_threads(threads)
     model = load_draft(init_dir).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    # the stack's schedule (train/deepspeed.lr_ratio), so the two loops differ only in how they run
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 2) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: lr_ratio(s, warmup_steps=warmup_steps, total_steps=steps, min_ratio=min_lr_ratio)
     )
     files = sorted(Path(data_dir, "train").glob("*.parquet"))
     rows = np.concatenate([np.stack(pq.read_table(f)["input_ids"].to_numpy(zero_copy_only=False)) for f in files])
@@ -161,6 +172,8 @@ def main() -> None:
         "rows_per_step": rows_per_step,
         "threads": 2,
         "lr": cfg.train.lr,
+        "warmup_steps": cfg.train.warmup_steps,
+        "min_lr_ratio": cfg.train.min_lr_ratio,
     }
     out = subprocess.run(
         [sys.executable, __file__, "--_plain", json.dumps(plain_args)],

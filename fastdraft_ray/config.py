@@ -131,6 +131,12 @@ class TrainConfig:
     ft_responses: Literal["target", "original"] = doc(
         "target", "FT data: target (KD data from jobs/generate.py) or original (the datasets' own responses)."
     )
+    teacher: Literal["none", "online"] = doc(
+        "none",
+        "online: the frozen target scores every batch in each worker and the loss is train.kd_loss against its "
+        "distribution over the draft's head (PT, CP, FT); none: the data's tokens (or FT's stored top-k).",
+    )
+    teacher_topk: int = doc(0, "train.teacher=online: keep the target's top-k over the draft's head (0 = all).")
     proxy_every: int = doc(
         25, "Optimizer steps between training-proxy scores (train/proxy_acceptance, proxy_top1); 0 = off."
     )

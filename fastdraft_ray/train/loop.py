@@ -175,6 +175,22 @@ def _export(engine, init_dir: str, out_dir: Path, train: TrainConfig, rank: int)
         tmp.rename(out_dir)
 
 
+def _load_teacher(run: dict, train: TrainConfig):
+    """The frozen target as the online teacher (train.teacher=online), on this worker's device: bf16 on GPU when
+    the stage trains in bf16, else the target's configured dtype."""
+    from fastdraft_ray.models.target import load_target
+
+    model_cfg = config_from_dict(run).model
+    device = "cuda" if train.use_gpu and torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if train.precision == "bf16" and device == "cuda" else model_cfg.dtype
+    teacher, _ = load_target(model_cfg.target, dtype, device, model_cfg.trust_remote_code)
+    teacher.eval().requires_grad_(False)
+    log.info(
+        "online teacher %s loaded (%s, %s), peak RSS %.0f MB", model_cfg.target, dtype, device, _peak_rss_mb()
+    )
+    return teacher
+
+
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     import resource
@@ -208,7 +224,8 @@ def train_fn_per_worker(config: dict) -> None:
     geo = Geometry(world, train.micro_batch_size, train.grad_accum_steps, int(config["seq_len"]))
     total_steps = geo.total_steps(train.token_budget)
     torch.manual_seed(train.seed)
-    loss_fn = make_loss_fn(config.get("kd_layout"), train.kd_loss, train.kd_alpha)
+    teacher = _load_teacher(config["run"], train) if train.teacher == "online" else None
+    loss_fn = make_loss_fn(config.get("kd_layout"), train.kd_loss, train.kd_alpha, teacher, train.teacher_topk)
 
     model = load_draft(config["init_dir"]).train()
     model.config.use_cache = False
@@ -299,6 +316,7 @@ def train_fn_per_worker(config: dict) -> None:
                 ("train/tokens_per_s", tokens_per_s),
                 ("train/samples_seen", position.rows_consumed),
                 ("train/tokens_seen", position.rows_consumed * geo.seq_len),
+                ("train/peak_rss_mb", _peak_rss_mb()),
             ):
                 writer.add_scalar(name, value, step)
             log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s", step, total_steps, mean_loss, lr, tokens_per_s)

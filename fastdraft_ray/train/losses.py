@@ -160,18 +160,92 @@ def ft_loss(model: torch.nn.Module, rows: torch.Tensor, layout, kind: str, alpha
     )
 
 
-def make_loss_fn(kd_layout: dict | None, kind: str = "ce", alpha: float = 0.5):
-    """``loss(model, rows)`` for a stage: next-token LM loss on packed rows (PT, CP) or the FT loss when the
-    shards carry a ``kd_layout``."""
-    if kd_layout is None:
-        return lm_loss
-    from fastdraft_ray.train.kd_rows import RowLayout
+# ------------------------------------------------------------------------------------------ online teacher
+#
+# train.teacher=online: the frozen target scores every batch inside the worker (no gradient) and its distribution
+# over the draft's head -- the kept set of a trimmed head, renormalised as above; the full vocabulary otherwise --
+# becomes the top-k target of the same KD losses. With teacher_topk = 0 (or >= the head) that is every column of
+# the head: exactly what stored top-k targets give when their k covers the kept set.
 
-    layout = RowLayout.from_dict(kd_layout)
+
+@torch.no_grad()
+def teacher_topk(
+    teacher: torch.nn.Module, inputs: torch.Tensor, head_ids: torch.Tensor | None, k: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's ``(ids [B, T, k'], log-probs [B, T, k'])`` over ``head_ids`` (None = its whole vocabulary) at
+    every position of ``inputs``: its log-softmax renormalised over those ids, the top ``k`` of them (0 = all)."""
+    out_embedding = teacher.get_output_embeddings()
+    plain_head = (
+        isinstance(out_embedding, torch.nn.Linear)
+        and out_embedding.bias is None
+        and not getattr(teacher.config, "final_logit_softcapping", None)
+    )
+    if plain_head and head_ids is not None:  # only the head's rows: a K-wide matmul instead of V-wide
+        hidden = teacher.get_decoder()(input_ids=inputs).last_hidden_state
+        logits = hidden @ out_embedding.weight[head_ids].T
+    else:
+        logits = teacher(input_ids=inputs).logits
+        logits = logits if head_ids is None else logits[..., head_ids]
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    ids = torch.arange(logprobs.shape[-1], device=logprobs.device) if head_ids is None else head_ids
+    if 0 < k < logprobs.shape[-1]:
+        top = logprobs.topk(k, dim=-1)
+        return ids[top.indices], top.values
+    return ids.expand(*logprobs.shape), logprobs
+
+
+def online_kd_loss(
+    model, rows: torch.Tensor, teacher, kind: str, alpha: float = 0.5, k: int = 0, layout=None
+) -> torch.Tensor:
+    """The KD loss of ``model`` against the online ``teacher`` on packed rows (every position) or, with a
+    ``layout``, on fixed-width FT rows (response positions; CE only on hard rows)."""
+    if layout is None:
+        inputs, targets = split_row_batch(rows)
+        mask, hard = torch.ones_like(targets), None
+    else:
+        parts = layout.decode(rows)
+        inputs, targets, mask, hard = parts["ids"][:, :-1], parts["ids"][:, 1:], parts["mask"], parts["hard"]
+    head = trimmed_head(model)
+    topk_ids, topk_logprobs = teacher_topk(teacher, inputs, None if head is None else head.kept_ids, k)
+    logits, targets, topk_ids = draft_logits(model, inputs, targets, topk_ids)
+    return kd_loss(
+        logits, targets, mask, kind, alpha=alpha, hard=hard, topk_ids=topk_ids, topk_logprobs=topk_logprobs
+    )
+
+
+def check_loss_settings(kd_layout: dict | None, kind: str, online_teacher: bool = False) -> None:
+    """Raise ``ValueError`` for a loss the stage cannot compute (checked on the driver before workers start)."""
     if kind not in KD_LOSSES:
         raise ValueError(f"train.kd_loss must be one of {', '.join(KD_LOSSES)}, got {kind!r}")
-    if kind != "ce" and layout.topk == 0:
-        raise ValueError(f"train.kd_loss={kind} needs top-k targets: generate with generate.topk_logprobs > 0")
+    if online_teacher:
+        if kind == "ce":
+            raise ValueError("train.teacher=online needs train.kd_loss = kl, tvd, ce_kl or ce_tvd (ce ignores it)")
+        return
+    # packed text rows (PT, CP) without a teacher train on next-token CE whatever kd_loss says (it is FT's key)
+    if kind != "ce" and kd_layout is not None and int(kd_layout.get("topk", 0)) == 0:
+        raise ValueError(
+            f"train.kd_loss={kind} needs top-k targets: generate with generate.topk_logprobs > 0, "
+            "or use train.teacher=online"
+        )
+
+
+def make_loss_fn(
+    kd_layout: dict | None, kind: str = "ce", alpha: float = 0.5, teacher=None, teacher_topk: int = 0
+):
+    """``loss(model, rows)`` for a stage: next-token LM loss on packed rows (PT, CP) or the FT loss when the
+    shards carry a ``kd_layout``; with a ``teacher`` (the frozen target) the KD loss ``kind`` against it instead."""
+    check_loss_settings(kd_layout, kind, teacher is not None)
+    from fastdraft_ray.train.kd_rows import RowLayout
+
+    layout = None if kd_layout is None else RowLayout.from_dict(kd_layout)
+    if teacher is not None:
+
+        def online(model, rows):
+            return online_kd_loss(model, rows, teacher, kind, alpha, teacher_topk, layout)
+
+        return online
+    if layout is None:
+        return lm_loss
 
     def loss(model, rows):
         return ft_loss(model, rows, layout, kind, alpha)

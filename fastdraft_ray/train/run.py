@@ -168,6 +168,7 @@ def train_stage(
     from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
     from fastdraft_ray.train.deepspeed import deepspeed_config
     from fastdraft_ray.train.loop import train_fn_per_worker
+    from fastdraft_ray.train.losses import check_loss_settings
 
     stage, tc = cfg.train.stage, cfg.train
     if stage not in TRAINING_STAGES:
@@ -187,6 +188,7 @@ def train_stage(
     geo = Geometry(tc.num_workers, tc.micro_batch_size, tc.grad_accum_steps, int(manifest["seq_len"]))
     total_steps = geo.total_steps(tc.token_budget)
     deepspeed_config(tc, total_steps)  # validate before starting workers
+    check_loss_settings(manifest.get("kd_layout"), tc.kd_loss, tc.teacher == "online")
     init_dir = prepare_init(cfg, paths.init, init_from, data_dir=data_dir)
     rows_per_epoch = _split_rows(manifest, "train")
     _check_cpus(tc)

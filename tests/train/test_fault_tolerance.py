@@ -1,7 +1,9 @@
 """A training worker process dies mid-run (``os._exit`` 5 s after step 10, a real process death;
 the delay lets Ray Train's controller register the step-8 checkpoint, which it does when it polls, every 2 s): Ray Train
 restarts the worker group from the step-4 checkpoint, the run finishes its whole token budget, the loss after the
-resume continues from the checkpointed state, and no row is trained twice (nor skipped) by the final model."""
+resume continues from the checkpointed state, and no row is trained twice (nor skipped) by the final model. The run
+trains against the online teacher (train.teacher=online, ½CE+½KL): the frozen target scoring every batch inside the
+workers resumes exactly too."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from tests.train.conftest import tiny_run_config
 def test_killed_worker_resumes_from_checkpoint_without_retraining_rows(tmp_path, tiny_target, tiny_data, ray_3cpu):
     from fastdraft_ray.train.run import train_stage
 
-    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=1536, max_failures=3)
+    cfg = tiny_run_config(
+        tiny_target, tmp_path / "runs", token_budget=1536, max_failures=3, teacher="online", kd_loss="ce_kl"
+    )
     marker = tmp_path / "died"
     record = train_stage(
         cfg,
