@@ -32,22 +32,26 @@ import torch  # noqa: E402
 
 from benchmarks.bench_specdec import machine  # noqa: E402
 from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.evaluate.metrics import ALL  # noqa: E402
+from fastdraft_ray.evaluate.metrics import ALL, EvalResults  # noqa: E402
 from fastdraft_ray.layout import RunLayout  # noqa: E402
 from fastdraft_ray.models.draft import load_draft  # noqa: E402
 from fastdraft_ray.train.curves import COMPUTE_ORDER, proxy_curve, stage_wall_s  # noqa: E402
 from fastdraft_ray.train.proxy import load_or_build, score_draft  # noqa: E402
 
-EVALUATED_AS = {"pt": "PT", "cp": "CP", "ft": "FT"}  # the pipeline's evaluation names its drafts by stage
-
 
 def measured(layout: RunLayout) -> dict[tuple[str, str], dict]:
-    """``(draft name, mode) -> the pooled row`` of the run's evaluation (empty without one)."""
+    """``(draft name, mode) -> the pooled headline row`` of the run's evaluation (empty without one); the
+    pipeline's evaluation names each draft by its stage."""
     path = Path(layout.eval_dir) / "results.json"
     if not path.exists():
         return {}
-    rows = json.loads(path.read_text())["rows"]
-    return {(r["draft"], r["mode"]): r for r in rows if r["task"] == ALL}
+    results = EvalResults.from_dict(json.loads(path.read_text()))
+    gamma = results.settings["gamma"]  # rows written before the gamma column ran at the evaluation's gamma
+    return {
+        (r["draft"], r["mode"]): {"gamma": gamma, **r}
+        for r in results.rows
+        if r["task"] == ALL and results.headline(r)
+    }
 
 
 def draft_points(layout: RunLayout, proxy, temperature: float, clock: RunLayout | None = None) -> list[dict]:
@@ -65,9 +69,10 @@ def draft_points(layout: RunLayout, proxy, temperature: float, clock: RunLayout 
             continue
         point = {"draft": stage, "minutes": spent / 60, **score_draft(load_draft(export), proxy, temperature)}
         for mode in ("sampling", "greedy"):
-            row = evaluated.get((EVALUATED_AS[stage], mode), {})
+            row = evaluated.get((stage, mode), {})
             point[f"{mode}_alpha_per_token"] = row.get("alpha_per_token")
             point[f"{mode}_speedup"] = row.get("speedup")
+            point[f"{mode}_gamma"] = row.get("gamma")
         points.append(point)
     return points
 
@@ -128,18 +133,23 @@ def main() -> None:
         f"({proxy.positions} positions), T = {temperature}. {machine()}.",
         "",
         "| run | draft | wall minutes spent | proxy_acceptance | proxy_top1 | measured α/token sampling | "
-        "measured α/token greedy | speedup sampling | speedup greedy |",
+        "measured α/token greedy | speedup sampling (γ) | speedup greedy (γ) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
         lines.append(
             f"| {p['run']} | {p['draft']} | {p['minutes']:.1f} | {fmt(p['proxy_acceptance'])} | {fmt(p['proxy_top1'])} "
             f"| {fmt(p.get('sampling_alpha_per_token'))} | {fmt(p.get('greedy_alpha_per_token'))} "
-            f"| {fmt(p.get('sampling_speedup'), 2)} | {fmt(p.get('greedy_speedup'), 2)} |"
+            f"| {fmt(p.get('sampling_speedup'), 2)} ({p.get('sampling_gamma', '—')}) "
+            f"| {fmt(p.get('greedy_speedup'), 2)} ({p.get('greedy_gamma', '—')}) |"
         )
+    if clock is not None:
+        lines += ["", f"Stage drafts are placed at the stage wall times of `{args.clock}` (same budgets)."]
+    clock_arg = f" --clock {args.clock}" if args.clock else ""
     lines += [
         "",
-        f"Command: `python benchmarks/bench_alpha_compute.py --config {args.config} --runs {' '.join(args.runs)}`",
+        f"Command: `python benchmarks/bench_alpha_compute.py --config {args.config} --runs {' '.join(args.runs)}"
+        f"{clock_arg}`",
     ]
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)

@@ -77,7 +77,9 @@ class EvalResults:
     def headline(self, row: dict) -> bool:
         """Whether ``row`` is its draft and mode's headline: the selected gamma's when one was selected, else the
         configured ``evaluate.gamma``'s."""
-        selected = any(r["selected"] for r in self.rows if (r["draft"], r["mode"]) == (row["draft"], row["mode"]))
+        selected = any(
+            r.get("selected") for r in self.rows if (r["draft"], r["mode"]) == (row["draft"], row["mode"])
+        )
         return (
             row.get("selected", False)
             if selected
