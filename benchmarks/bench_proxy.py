@@ -119,6 +119,10 @@ def main() -> None:
         t0 = time.perf_counter()
         proxies[name] = score_draft(load_draft(path), proxy, cfg.train.proxy_temperature)
         score_s[name] = time.perf_counter() - t0
+    if ev.num_workers > 1 or ev.use_gpu:  # the harness spreads prompts over Ray actors
+        from fastdraft_ray.ray_runtime import init_ray, local_ray_cpus
+
+        init_ray(**local_ray_cpus(ev.num_workers * max(1, ev.cpus_per_worker)))
     results = evaluate(cfg.model, list(drafts.values()), ev)
     names = dict(zip([d.name for d in results.drafts], drafts, strict=False))  # evaluation's draft name -> ours
 
@@ -183,7 +187,9 @@ def main() -> None:
         f"{rho.get('greedy', float('nan')):.2f}; over (draft, family, mode) points: {rho_family:.2f}.",
         "",
         f"Command: `python benchmarks/bench_proxy.py --config {args.config} {' '.join(args.overrides)} "
-        f"--layers {args.layers} --prompts-per-task {ev.prompts_per_task} --max-new-tokens {ev.max_new_tokens}`",
+        f"--layers {args.layers} --prompts-per-task {ev.prompts_per_task} --max-new-tokens {ev.max_new_tokens}"
+        + (f" --drafts {' '.join(args.drafts)}" if args.drafts else "")
+        + "`",
     ]
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
