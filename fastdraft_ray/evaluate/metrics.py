@@ -75,16 +75,10 @@ class EvalResults:
     wall_time_s: float = 0.0
 
     def headline(self, row: dict) -> bool:
-        """Whether ``row`` is its draft and mode's headline: the selected gamma's when one was selected, else the
-        configured ``evaluate.gamma``'s."""
-        selected = any(
-            r.get("selected") for r in self.rows if (r["draft"], r["mode"]) == (row["draft"], row["mode"])
-        )
-        return (
-            row.get("selected", False)
-            if selected
-            else row.get("gamma", self.settings["gamma"]) == self.settings["gamma"]
-        )
+        """Whether ``row`` is its draft and mode's headline: the selected gamma's when one was selected
+        (``settings["selected_gamma"]``), else the configured ``evaluate.gamma``'s."""
+        chosen = self.settings.get("selected_gamma", {}).get(row["draft"], {}).get(row["mode"])
+        return row.get("gamma", self.settings["gamma"]) == (self.settings["gamma"] if chosen is None else chosen)
 
     def row(self, draft: str, mode: str, task: str, gamma: int | None = None) -> dict | None:
         """The row of (draft, mode, task) at ``gamma`` (default: the headline row), or None."""

@@ -90,28 +90,3 @@ def proxy_curve(layout: RunLayout) -> list[dict]:
                 )
         offset += stage_wall_s(layout, stage) or 0.0
     return rows
-
-
-def plot_proxy_curves(curves: dict[str, list[dict]], out_png: str | Path, title: str = "") -> Path:
-    """Proxy acceptance and top-1 against wall minutes, one line per labelled run (``proxy_curve`` rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key in zip(axes, ("proxy_acceptance", "proxy_top1"), strict=True):
-        for label, rows in curves.items():
-            pts = [r for r in rows if r.get(key) is not None]
-            ax.plot([r["minutes"] for r in pts], [r[key] for r in pts], "o-", ms=3, label=label)
-        ax.set_xlabel("wall minutes spent (PT, CP, KD generation, FT end to end)")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title or "training proxy against compute")
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
