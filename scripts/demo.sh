@@ -18,6 +18,8 @@ DASHBOARD=${RAY_DASHBOARD:-http://127.0.0.1:8265}
 dashboard_up() { curl -s -o /dev/null -m 3 "$DASHBOARD/api/version"; }
 if ! dashboard_up; then
   echo "starting a local Ray head (dashboard: $DASHBOARD)"
+  # A fresh machine has no token yet: create ~/.ray/auth_token (kept if it exists; RAY_AUTH_TOKEN wins if set).
+  [ -n "${RAY_AUTH_TOKEN:-}" ] || ray get-auth-token --generate > /dev/null
   free_port() { python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'; }
   gcs_port=6379
   if python -c 'import socket, sys; sys.exit(socket.socket().connect_ex(("127.0.0.1", 6379)) != 0)'; then
