@@ -250,12 +250,30 @@ class SearchConfig:
 
 @dataclass
 class ServeConfig(DecodeConfig):
-    """Ray Serve deployment of the target+draft pair (decoding keys: ``DecodeConfig``)."""
+    """Ray Serve deployment of the target+draft pair behind an OpenAI-compatible API (``fastdraft_ray.serve``;
+    decoding keys: ``DecodeConfig``; ``temperature``/``top_p`` are the defaults of requests that omit them)."""
 
-    draft: str = doc("", "Draft HF folder to serve.")
-    host: str = doc("127.0.0.1", "HTTP host.")
+    draft: str = doc("", "Draft HF folder to serve ('' = the target alone).")
+    speculative: bool = doc(True, "Decode with the draft; false = the target alone (the baseline), same app.")
+    model_name: str = doc("", "Model name in /v1/models and responses ('' = the target's folder or hub name).")
+    host: str = doc("127.0.0.1", "HTTP host (0.0.0.0 exposes the API beyond this machine).")
     port: int = doc(8000, "HTTP port.")
-    num_replicas: int = doc(1, "Replicas of the speculative decoder.")
+    num_replicas: int = doc(1, "Decoder replicas (ignored when autoscaling is set).")
+    cpus_per_replica: float = doc(1.0, "CPUs reserved per decoder replica.")
+    gpus_per_replica: float = doc(0.0, "GPUs per decoder replica (> 0: the models run on cuda).")
+    threads: int = doc(0, "Torch threads per decoder replica; 0 = cpus_per_replica (at least 1).")
+    max_ongoing_requests: int = doc(
+        4, "Requests one decoder replica holds at once; their decoding steps take turns on the model."
+    )
+    max_queued_requests: int = doc(
+        128, "Requests waiting for a decoder replica beyond which new ones get 503 + Retry-After (-1 = no limit)."
+    )
+    retry_after_s: int = doc(2, "Retry-After seconds sent with a 503 (queue full).")
+    autoscaling: dict = doc({}, "Ray Serve autoscaling_config of the decoder ({} = fixed num_replicas).")
+    api_keys: list = doc([], "Accepted API keys (Authorization: Bearer KEY); [] = no authentication.")
+    max_prompt_tokens: int = doc(2048, "Longest prompt accepted, in target tokens (longer: 400).")
+    max_new_tokens: int = doc(512, "Largest max_tokens a request may ask for (larger: 400).")
+    default_max_tokens: int = doc(128, "max_tokens of a request that omits it.")
 
 
 @dataclass

@@ -33,6 +33,15 @@ def render_prompt(tokenizer, message: str, chat: bool = True) -> tuple[str, list
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation (``[{"role", "content"}, ...]``) under the tokenizer's chat template, generation prompt
+    appended; raises ``ValueError`` when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the target's tokenizer has no chat template: send a raw prompt to /v1/completions")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     """Every token id that ends a generation (see the module docstring), sorted; raises if there is none.
 

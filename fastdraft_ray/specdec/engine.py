@@ -90,10 +90,15 @@ class SpecDecoder:
 
     def with_gamma(self, gamma: int) -> SpecDecoder:
         """The same target and draft (no copy, no re-preparation) proposing ``gamma`` tokens per step."""
+        return self.with_settings(gamma=gamma)
+
+    def with_settings(self, **changes) -> SpecDecoder:
+        """The same target, draft and measured costs (no copy, no re-preparation) decoding with ``changes``
+        applied to the settings (``gamma``, ``gamma_policy``, ``temperature``, ...)."""
         decoder = SpecDecoder(
             self.target,
             self.draft,
-            dataclasses.replace(self.settings, gamma=gamma),
+            dataclasses.replace(self.settings, **changes),
             tokenizer=self.tokenizer,
             stop_ids=self.stop_ids,
             precision=self.precision,

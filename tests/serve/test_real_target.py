@@ -1,0 +1,120 @@
+"""The Serve app on the real embedded target with a draft derived from it (24 of its 30 layers: six middle ones
+dropped, so it is accepted about a third of the time and rejected the rest): greedy chat and raw
+completions give exactly the target's own greedy text, streams concatenate to it, the acceptance counters on Ray's
+Prometheus endpoint count what the responses reported, and a client that leaves cancels its generation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from fastdraft_ray.config import DraftConfig
+from fastdraft_ray.models.draft import new_draft, save_draft
+from fastdraft_ray.models.prompting import render_prompt
+from tests.serve.conftest import deploy, scrape
+from tests.serve.test_app import events, post
+
+pytestmark = pytest.mark.real_target
+MODEL = "smollm2-135m-instruct"
+NEW = 20
+QUESTION = "What are three good habits for writing clear code?"
+CODE = "def fibonacci(n):\n    "
+
+
+@pytest.fixture(scope="module")
+def real_app(serve_instance, smollm2, tmp_path_factory):
+    target, tokenizer = smollm2
+    layers = [*range(12), *range(18, 30)]
+    shape = DraftConfig(num_layers=len(layers), init="layers", init_layers=layers)
+    draft = new_draft(target.config, shape, target_model=target)
+    folder = save_draft(draft, tokenizer, tmp_path_factory.mktemp("serve") / "draft")
+    return deploy(serve_instance, "real", [f"serve.draft={folder}", "serve.threads=1", "serve.gamma=2"])
+
+
+def target_greedy(smollm2, ids: list[int]) -> list[int]:
+    """The target's own greedy continuation (transformers' generate), stop token included."""
+    target, tokenizer = smollm2
+    with torch.inference_mode():
+        out = target.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+def test_greedy_chat_and_completion_equal_the_target_and_streams_match(real_app, smollm2):
+    tokenizer = smollm2[1]
+    chat = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": NEW, "temperature": 0}
+    raw = {"prompt": CODE, "max_tokens": NEW, "temperature": 0}
+    cases = [
+        ("/v1/chat/completions", chat, render_prompt(tokenizer, QUESTION)[1], lambda c: c["message"]["content"]),
+        ("/v1/completions", raw, render_prompt(tokenizer, CODE, chat=False)[1], lambda c: c["text"]),
+    ]
+    for route, body, prompt_ids, text_of in cases:
+        whole = post(real_app, route, {**body, "return_token_ids": True}).json()
+        choice = whole["choices"][0]
+        reference = target_greedy(smollm2, prompt_ids)
+        assert choice["token_ids"] == reference, route
+        assert text_of(choice) == tokenizer.decode(reference, skip_special_tokens=True)
+        assert whole["usage"]["prompt_tokens"] == len(prompt_ids)
+        assert whole["usage"]["speculative"]["proposed"] > 0
+        with post(real_app, route, {**body, "stream": True}, stream=True) as r:
+            chunks = [c for c in events(r) if c != "[DONE]"]
+        pieces = [
+            c["choices"][0].get("delta", c["choices"][0]).get("content") or c["choices"][0].get("text", "")
+            for c in chunks
+        ]
+        assert "".join(p or "" for p in pieces) == text_of(choice), route
+
+
+def test_acceptance_counters_count_what_the_responses_report(real_app, serve_instance):
+    def totals():
+        out = {}
+        for name in ("ray_spec_decode_num_draft_tokens_total", "ray_spec_decode_num_accepted_tokens_total"):
+            series = scrape(serve_instance[1], name)
+            out[name] = sum(v for k, v in series.items() if f'model="{MODEL}"' in k)
+        return out
+
+    before = totals()
+    while True:  # the previous test's last counts may still be on their way (Ray exports every second)
+        time.sleep(2.5)
+        if (again := totals()) == before:
+            break
+        before = again
+    usage = [
+        post(
+            real_app,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": q}], "max_tokens": 16, "temperature": 0},
+        ).json()["usage"]["speculative"]  # fmt: skip
+        for q in ("Name a color.", "Say hello in French.")
+    ]
+    proposed, accepted = sum(u["proposed"] for u in usage), sum(u["accepted"] for u in usage)
+    assert proposed > 0
+
+    def moved(_):
+        now = totals()
+        return (
+            now["ray_spec_decode_num_draft_tokens_total"] - before["ray_spec_decode_num_draft_tokens_total"]
+            == proposed
+            and now["ray_spec_decode_num_accepted_tokens_total"]
+            - before["ray_spec_decode_num_accepted_tokens_total"]
+            == accepted
+        )
+
+    scrape(serve_instance[1], "ray_spec_decode_num_draft_tokens_total", until=moved)
+    assert moved(None), (totals(), before, proposed, accepted)
+    assert accepted > 0, "the derived draft should be accepted sometimes"
+    per_pos = scrape(serve_instance[1], "ray_spec_decode_num_accepted_tokens_per_pos_total")
+    assert any('position="0"' in k and f'model="{MODEL}"' in k for k in per_pos), per_pos
+
+
+def test_a_client_that_disconnects_stops_its_generation(real_app, serve_instance):
+    body = {"prompt": "A long story:", "max_tokens": 256, "temperature": 0, "stream": True}
+    with post(real_app, "/v1/completions", body, stream=True) as r:
+        next(r.iter_lines())  # the first chunk arrived: the generation is under way; leave
+
+    def cancelled(series: dict) -> bool:
+        return any('status="cancelled"' in k and f'model="{MODEL}"' in k and x > 0 for k, x in series.items())
+
+    series = scrape(serve_instance[1], "ray_fastdraft_requests_total", until=cancelled, timeout_s=60)
+    assert cancelled(series), series
