@@ -235,6 +235,11 @@ class EvaluateConfig(DecodeConfig):
         "ones): the one of the highest expected speedup is also reported, its rows flagged selected; [] = gamma only.",
     )
     calibration_prompts_per_task: int = doc(2, "Calibration prompts per task family for gamma_select.")
+    endpoint: str = doc(
+        "",
+        "Evaluate through a running server (jobs/serve.py) at this URL instead of loading the models here: "
+        "token ids and per-prompt seeds go over HTTP (API key: $FASTDRAFT_API_KEY); '' = in this process.",
+    )
 
 
 @dataclass

@@ -12,6 +12,7 @@ generation, so prompts stay independent.
 
 ``num_workers == 1`` runs in this process (CPU); more, or ``use_gpu``, spreads the prompts round-robin over Ray
 actors that each load the models once; records come back in prompt order whatever the worker count.
+``endpoint=URL`` sends the same prompts and seeds to a running server instead (``evaluate.endpoint``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from fastdraft_ray.config import ConfigError, EvaluateConfig, ModelConfig, check_choices
 from fastdraft_ray.data.tasks import EvalPrompt, load_tasks
+from fastdraft_ray.evaluate.endpoint import EndpointError, EndpointEvaluator
 from fastdraft_ray.evaluate.metrics import ALL, MODES, DraftInfo, EvalResults, aggregate
 from fastdraft_ray.evaluate.worker import Evaluator
 from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
@@ -87,6 +89,18 @@ def _run_workers(
     from tqdm import tqdm
 
     bar = tqdm(total=len(prompts), desc="evaluate", unit="prompt")
+    if cfg.endpoint:
+        try:
+            evaluator = EndpointEvaluator(cfg.endpoint, drafts, cfg, gammas or {})
+            records = []
+            for prompt in prompts:
+                records += evaluator.run([prompt])[0]
+                bar.update()
+        except EndpointError as exc:
+            raise EvaluationError(str(exc)) from None
+        finally:
+            bar.close()
+        return records, []
     if cfg.num_workers == 1 and not cfg.use_gpu:
         previous = torch.get_num_threads()
         try:
@@ -145,6 +159,11 @@ def evaluate(
         raise EvaluationError("evaluate.num_workers, gamma, max_gamma and max_new_tokens must all be >= 1")
     if any(not isinstance(g, int) or g < 1 for g in cfg.gamma_select):
         raise EvaluationError(f"evaluate.gamma_select must list gammas >= 1, got {cfg.gamma_select}")
+    if cfg.gamma_select and cfg.endpoint:
+        raise EvaluationError(
+            "evaluate.gamma_select prices gammas with latencies measured in-process; with evaluate.endpoint set "
+            "it to [] and name the gamma (evaluate.gamma)"
+        )
     if cfg.gamma_select and cfg.calibration_prompts_per_task < 1:
         raise EvaluationError("evaluate.gamma_select needs evaluate.calibration_prompts_per_task >= 1")
     if cfg.prior_alpha > 1.0:
@@ -185,6 +204,8 @@ def evaluate(
         "max_gamma": cfg.max_gamma,
         "prior_alpha": cfg.prior_alpha,
     }
+    if cfg.endpoint:
+        settings["endpoint"] = cfg.endpoint
     log.info(
         "evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)",
         len(drafts),

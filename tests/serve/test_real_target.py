@@ -1,16 +1,19 @@
 """The Serve app on the real embedded target with a draft derived from it (24 of its 30 layers: six middle ones
 dropped, so it is accepted about a third of the time and rejected the rest): greedy chat and raw
 completions give exactly the target's own greedy text, streams concatenate to it, the acceptance counters on Ray's
-Prometheus endpoint count what the responses reported, and a client that leaves cancels its generation."""
+Prometheus endpoint count what the responses reported, a client that leaves cancels its generation, and the
+evaluation harness run through the endpoint gets the in-process tokens, alpha and tau."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 import torch
 
-from fastdraft_ray.config import DraftConfig
+from fastdraft_ray.config import DraftConfig, load_config
+from fastdraft_ray.evaluate.run import EvaluationError, evaluate
 from fastdraft_ray.models.draft import new_draft, save_draft
 from fastdraft_ray.models.prompting import render_prompt
 from tests.serve.conftest import deploy, scrape
@@ -24,13 +27,17 @@ CODE = "def fibonacci(n):\n    "
 
 
 @pytest.fixture(scope="module")
-def real_app(serve_instance, smollm2, tmp_path_factory):
+def real_draft(smollm2, tmp_path_factory) -> str:
     target, tokenizer = smollm2
     layers = [*range(12), *range(18, 30)]
     shape = DraftConfig(num_layers=len(layers), init="layers", init_layers=layers)
     draft = new_draft(target.config, shape, target_model=target)
-    folder = save_draft(draft, tokenizer, tmp_path_factory.mktemp("serve") / "draft")
-    return deploy(serve_instance, "real", [f"serve.draft={folder}", "serve.threads=1", "serve.gamma=2"])
+    return str(save_draft(draft, tokenizer, tmp_path_factory.mktemp("serve") / "draft"))
+
+
+@pytest.fixture(scope="module")
+def real_app(serve_instance, real_draft):
+    return deploy(serve_instance, "real", [f"serve.draft={real_draft}", "serve.threads=1", "serve.gamma=2"])
 
 
 def target_greedy(smollm2, ids: list[int]) -> list[int]:
@@ -118,3 +125,30 @@ def test_a_client_that_disconnects_stops_its_generation(real_app, serve_instance
 
     series = scrape(serve_instance[1], "ray_fastdraft_requests_total", until=cancelled, timeout_s=60)
     assert cancelled(series), series
+
+
+def test_evaluation_through_http_gets_the_in_process_tokens_alpha_and_tau(real_app, real_draft):
+    cfg = load_config(
+        "cpu_quick",
+        [
+            "evaluate.gamma_select=[]",
+            "evaluate.tasks=[story,code]",
+            "evaluate.prompts_per_task=1",
+            "evaluate.max_new_tokens=12",
+            "evaluate.gamma=2",
+            "evaluate.num_workers=1",
+            "evaluate.cpus_per_worker=1",  # the server's thread count: the same float reductions
+        ],
+    )
+    here = evaluate(cfg.model, [real_draft], cfg.evaluate)
+    remote = evaluate(cfg.model, [real_draft], dataclasses.replace(cfg.evaluate, endpoint=real_app))
+    keys = ("prompt_id", "mode", "gamma", "tokens", "proposed", "accepted", "steps", "rejected_steps")
+    assert [{k: r[k] for k in keys} for r in remote.records] == [{k: r[k] for k in keys} for r in here.records]
+    for a, b in zip(here.rows, remote.rows, strict=True):
+        assert (a["task"], a["mode"]) == (b["task"], b["mode"])
+        assert a["acceptance_rate"] == b["acceptance_rate"] and a["block_efficiency"] == b["block_efficiency"]
+    assert remote.settings["endpoint"] == real_app
+    with pytest.raises(EvaluationError, match="gamma_select"):
+        evaluate(
+            cfg.model, [real_draft], dataclasses.replace(cfg.evaluate, endpoint=real_app, gamma_select=[1, 2])
+        )
