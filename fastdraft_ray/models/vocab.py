@@ -19,7 +19,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from fastdraft_ray.layout import KDLayout
-from fastdraft_ray.models.trimmed_head import TrimmedLMHead, trimmed_config, trimmed_head
+from fastdraft_ray.models.trimmed_head import MODEL_TYPE_PREFIX, TrimmedLMHead, trimmed_config, trimmed_head
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +124,34 @@ def trim_draft(draft: PreTrainedModel, kept_ids: torch.Tensor) -> PreTrainedMode
     with torch.no_grad():
         head.linear.weight.copy_(draft.get_output_embeddings().weight[head.kept_ids].float())
     return trimmed.eval()
+
+
+def untrim_draft(draft: PreTrainedModel) -> PreTrainedModel:
+    """The stock-architecture twin of a trimmed-head draft, for servers that load drafts without remote code
+    (vLLM's and SGLang's draft-model paths, llama.cpp conversion): the family's own causal LM with a
+    full-vocabulary ``lm_head`` holding the kept rows and zero rows elsewhere. Every token outside the kept set
+    gets logit 0 instead of -inf, so the draft's distribution (and its acceptance) can differ from the trimmed
+    one; speculative decoding with it stays lossless, as with any draft."""
+    head = trimmed_head(draft)
+    if head is None:
+        raise ValueError("the draft's head is not trimmed: it already is a stock architecture")
+    base_type = draft.config.model_type.removeprefix(MODEL_TYPE_PREFIX)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {
+        k: v
+        for k, v in draft.config.to_dict().items()
+        if k not in ("model_type", "auto_map", "architectures", "head_vocab")
+    }
+    config = AutoConfig.for_model(base_type, **values)
+    stock = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v for k, v in draft.state_dict().items() if not k.startswith("lm_head.")}
+    missing, unexpected = stock.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"cannot transfer weights: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        full = torch.zeros_like(stock.lm_head.weight)
+        full[head.kept_ids] = head.linear.weight.float()
+        stock.lm_head.weight.copy_(full)
+    stock.generation_config = copy.deepcopy(draft.generation_config)
+    return stock.eval()

@@ -20,7 +20,14 @@ from transformers import AutoModelForCausalLM
 from fastdraft_ray.config import DraftConfig
 from fastdraft_ray.models.draft import build_draft, count_params, derive_draft_config, load_draft, new_draft
 from fastdraft_ray.models.trimmed_head import IGNORE_INDEX, kept_logits, trimmed_config, trimmed_head
-from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_ids, token_counts, trim_draft
+from fastdraft_ray.models.vocab import (
+    coverage,
+    kept_token_ids,
+    special_token_ids,
+    token_counts,
+    trim_draft,
+    untrim_draft,
+)
 from fastdraft_ray.specdec.decode import autoregressive_generate, speculative_generate
 from fastdraft_ray.train.losses import draft_logits, kd_loss, lm_loss
 from tests.conftest import TINY_VOCAB, tiny_config
@@ -104,6 +111,30 @@ def test_save_load_round_trip_with_load_draft_and_remote_code(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_stock_export_keeps_the_kept_logits_loads_without_remote_code_and_stays_lossless(tmp_path):
+    target = _target()
+    trimmed = _kept_copy(target)
+    stock = untrim_draft(trimmed)
+    assert type(stock).__name__ == "LlamaForCausalLM" and "head_vocab" not in stock.config.to_dict()
+    ids = torch.tensor([[1, 7, 19, 42, 5]])
+    with torch.no_grad():
+        kept_logits_trimmed = trimmed(input_ids=ids).logits[..., KEPT]
+        logits = stock(input_ids=ids).logits
+    assert torch.allclose(logits[..., KEPT], kept_logits_trimmed, atol=1e-6)
+    outside = torch.ones(TINY_VOCAB, dtype=torch.bool)
+    outside[KEPT] = False
+    assert torch.equal(logits[..., outside], torch.zeros_like(logits[..., outside]))
+    stock.save_pretrained(tmp_path / "stock")
+    assert not (tmp_path / "stock" / "trimmed_head.py").exists()
+    assert "auto_map" not in json.loads((tmp_path / "stock" / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()  # no trust_remote_code
+    reference = autoregressive_generate(target, ids, max_new_tokens=30).tokens
+    result = speculative_generate(target, reloaded, ids, gamma=3, max_new_tokens=30)
+    assert_greedy_equal(target, ids, reference, result.tokens, "stock export")
+    with pytest.raises(ValueError, match="not trimmed"):
+        untrim_draft(stock)
 
 
 def test_speculative_decoding_with_a_trimmed_draft_is_the_targets_greedy_output():
