@@ -50,42 +50,51 @@ def test_api_key_is_required_on_v1_routes(tiny_app):
     assert requests.get(f"{tiny_app}/health", timeout=30).status_code == 200  # health needs no key
 
 
-BAD = [
-    ("/v1/chat/completions", "{not json", "not valid JSON"),
-    ("/v1/chat/completions", chat("hi", frequency_penalty=0.5), "frequency_penalty: Extra inputs"),
-    ("/v1/chat/completions", chat("hi", max_tokens="ten"), "max_tokens"),
-    ("/v1/chat/completions", chat("hi", max_tokens=-1), "max_tokens must be between 1 and 256"),
-    ("/v1/chat/completions", chat("hi", max_tokens=0), "max_tokens must be between 1 and 256"),
-    ("/v1/chat/completions", chat("hi", max_tokens=257), "max_tokens must be between 1 and 256"),
-    ("/v1/chat/completions", chat("word " * 200), "accepts at most 64"),
-    ("/v1/chat/completions", {"messages": [], "max_tokens": 4}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "content"),
-    ("/v1/chat/completions", chat("hi", model="gpt-4"), "not served here"),
-    ("/v1/chat/completions", chat("hi", n=2), "n"),
-    ("/v1/chat/completions", chat("hi", temperature=3.0), "temperature"),
-    ("/v1/chat/completions", chat("hi", gamma=0), "gamma"),
-    ("/v1/completions", {"prompt": ""}, "prompt"),
-    ("/v1/completions", {"prompt": [1, 2, 10**9]}, "outside the vocabulary"),
-    ("/v1/completions", {"prompt": "x", "model_path": "/etc/passwd"}, "Extra inputs"),
-]
+def bad_inputs(max_new: int, max_prompt: int) -> list[tuple[str, object, str]]:
+    """(route, body, what the error message or param names) for every malformed request of the README, for an
+    app with these limits."""
+    limit = f"max_tokens must be between 1 and {max_new}"
+    return [
+        ("/v1/chat/completions", "{not json", "not valid JSON"),
+        ("/v1/chat/completions", chat("hi", frequency_penalty=0.5), "frequency_penalty: Extra inputs"),
+        ("/v1/chat/completions", chat("hi", max_tokens="ten"), "max_tokens"),
+        ("/v1/chat/completions", chat("hi", max_tokens=-1), limit),
+        ("/v1/chat/completions", chat("hi", max_tokens=0), limit),
+        ("/v1/chat/completions", chat("hi", max_tokens=max_new + 1), limit),
+        ("/v1/chat/completions", chat("word " * (max_prompt + 10)), f"accepts at most {max_prompt}"),
+        ("/v1/chat/completions", {"messages": [], "max_tokens": 4}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "content"),
+        ("/v1/chat/completions", chat("hi", model="gpt-4"), "not served here"),
+        ("/v1/chat/completions", chat("hi", n=2), "n"),
+        ("/v1/chat/completions", chat("hi", temperature=3.0), "temperature"),
+        ("/v1/chat/completions", chat("hi", gamma=0), "gamma"),
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2, 10**9]}, "outside the vocabulary"),
+        ("/v1/completions", {"prompt": "x", "model_path": "/etc/passwd"}, "Extra inputs"),
+    ]
 
 
-@pytest.mark.parametrize("route, body, message", BAD, ids=[b[2][:24] for b in BAD])
-def test_bad_input_gets_an_openai_style_4xx(tiny_app, route, body, message):
-    before = replica(tiny_app)
-    if isinstance(body, str):
-        r = requests.post(
-            f"{tiny_app}{route}", data=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=30
-        )
-    else:
-        r = post(tiny_app, route, body)
-    assert 400 <= r.status_code < 500, r.text
-    error = r.json()["error"]
-    assert message in error["message"] or message == error["param"], error
-    assert {"message", "type", "param", "code"} <= set(error)
-    assert replica(tiny_app) == before, "a bad request restarted the decoder replica"
-    assert post(tiny_app, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
+def check_refusals(url: str, cases: list[tuple[str, object, str]]) -> None:
+    """Every case gets a 4xx with an OpenAI-style error naming the problem, and the replica is never restarted."""
+    before = replica(url)
+    for route, body, message in cases:
+        if isinstance(body, str):
+            r = requests.post(
+                f"{url}{route}", data=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=30
+            )
+        else:
+            r = post(url, route, body)
+        assert 400 <= r.status_code < 500, (body, r.text)
+        error = r.json()["error"]
+        assert message in error["message"] or message == error["param"], (body, error)
+        assert {"message", "type", "param", "code"} <= set(error)
+    assert replica(url) == before, "a bad request restarted the decoder replica"
+    assert post(url, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_bad_input_gets_an_openai_style_4xx(tiny_app):
+    check_refusals(tiny_app, bad_inputs(256, 64))
 
 
 def test_stream_matches_the_whole_response_and_target_only_is_lossless(tiny_app):

@@ -16,8 +16,8 @@ from fastdraft_ray.config import DraftConfig, load_config
 from fastdraft_ray.evaluate.run import EvaluationError, evaluate
 from fastdraft_ray.models.draft import new_draft, save_draft
 from fastdraft_ray.models.prompting import render_prompt
-from tests.serve.conftest import deploy, scrape
-from tests.serve.test_app import events, post
+from tests.serve.conftest import API_KEY, deploy, scrape
+from tests.serve.test_app import bad_inputs, check_refusals, events, post
 
 pytestmark = pytest.mark.real_target
 MODEL = "smollm2-135m-instruct"
@@ -37,7 +37,15 @@ def real_draft(smollm2, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def real_app(serve_instance, real_draft):
-    return deploy(serve_instance, "real", [f"serve.draft={real_draft}", "serve.threads=1", "serve.gamma=2"])
+    settings = ["serve.threads=1", "serve.gamma=2", f"serve.api_keys=[{API_KEY}]", "serve.max_new_tokens=384"]
+    return deploy(serve_instance, "real", [f"serve.draft={real_draft}", *settings, "serve.max_prompt_tokens=1024"])
+
+
+def test_bad_inputs_and_a_wrong_key_are_refused_by_the_real_app(real_app):
+    check_refusals(real_app, bad_inputs(384, 1024))
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = post(real_app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
 
 
 def target_greedy(smollm2, ids: list[int]) -> list[int]:
@@ -127,7 +135,8 @@ def test_a_client_that_disconnects_stops_its_generation(real_app, serve_instance
     assert cancelled(series), series
 
 
-def test_evaluation_through_http_gets_the_in_process_tokens_alpha_and_tau(real_app, real_draft):
+def test_evaluation_through_http_gets_the_in_process_tokens_alpha_and_tau(real_app, real_draft, monkeypatch):
+    monkeypatch.setenv("FASTDRAFT_API_KEY", API_KEY)
     cfg = load_config(
         "cpu_quick",
         [
