@@ -290,7 +290,7 @@ def _select_gammas(
 
     flat = [p for rows in prompts.values() for p in rows]
     log.info("choosing gamma from %s on %d calibration prompts", list(cfg.gamma_select), len(flat))
-    cfg = dataclasses.replace(cfg, gamma=max(cfg.gamma_select))
+    cfg = dataclasses.replace(cfg, gamma=max(cfg.gamma_select), baselines=[])  # calibration: the drafts only
     records, latencies = _run_workers(model, drafts, flat, cfg)
     infos = {info.name: info for info in _draft_infos(model, drafts, latencies, cfg.draft_precision)}
     chosen: dict[str, dict[str, int]] = {}
