@@ -235,6 +235,11 @@ class EvaluateConfig(DecodeConfig):
         "ones): the one of the highest expected speedup is also reported, its rows flagged selected; [] = gamma only.",
     )
     calibration_prompts_per_task: int = doc(2, "Calibration prompts per task family for gamma_select.")
+    baselines: list = doc(
+        [],
+        "What a user would try instead, greedy, on the same prompts: prompt_lookup (transformers' prompt lookup "
+        "decoding, no draft) and/or assisted (transformers' assisted generation with each draft), gamma tokens.",
+    )
     endpoint: str = doc(
         "",
         "Evaluate through a running server (jobs/serve.py) at this URL instead of loading the models here: "

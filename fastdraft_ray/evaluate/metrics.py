@@ -73,6 +73,7 @@ class EvalResults:
     rows: list[dict] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
+    baselines: list[dict] = field(default_factory=list)  # aggregate_baselines rows (evaluate.baselines)
 
     def headline(self, row: dict) -> bool:
         """Whether ``row`` is its draft and mode's headline: the selected gamma's when one was selected
@@ -199,3 +200,37 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         # greedy only: fraction of prompts whose output equals the target's own greedy output (lossless check)
         "matches_target": sum(bool(r["matches_target"]) for r in recs) / len(recs) if mode == "greedy" else None,
     }
+
+
+def aggregate_baselines(records: list[dict], tasks: list[str]) -> list[dict]:
+    """Rows per (method, draft, task) plus ``all`` for the ``evaluate.baselines`` records (transformers' prompt
+    lookup / assisted generation, greedy): wall-clock speedup over the target alone per emitted token with its
+    90% bootstrap interval, tokens per target call, and the share of prompts whose output equals the target's."""
+    rows = []
+    for method, draft in dict.fromkeys((r["method"], r["draft"]) for r in records):
+        for task in [*tasks, ALL]:
+            recs = [
+                r for r in records if (r["method"], r["draft"]) == (method, draft) and task in (ALL, r["task"])
+            ]
+            if not recs:
+                continue
+            base = sum(r["base_wall_time_s"] for r in recs) / max(1, sum(r["base_new_tokens"] for r in recs))
+            spec = sum(r["wall_time_s"] for r in recs) / max(1, sum(r["new_tokens"] for r in recs))
+            lo, hi = speedup_interval(recs)
+            calls = sum(r["target_calls"] for r in recs)
+            rows.append(
+                {
+                    "method": method,
+                    "draft": draft,
+                    "task": task,
+                    "gamma": recs[0]["gamma"],
+                    "prompts": len(recs),
+                    "speedup": S.wallclock_speedup(base, spec) if spec > 0 else 0.0,
+                    "speedup_lo": lo,
+                    "speedup_hi": hi,
+                    "target_calls": calls,
+                    "tokens_per_call": sum(r["new_tokens"] for r in recs) / max(1, calls),
+                    "matches_target": sum(r["matches_target"] for r in recs) / len(recs),
+                }
+            )
+    return rows

@@ -109,6 +109,24 @@ def interval_table(results: EvalResults) -> str:
     return "\n".join(lines)
 
 
+def baselines_table(results: EvalResults) -> str:
+    """transformers' prompt lookup / assisted generation on the same prompts (greedy), '' when none ran."""
+    if not results.baselines:
+        return ""
+    lines = [
+        "| method | draft | γ | speedup (all) | 90% interval | tokens per target call | output = target's |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    for row in results.baselines:
+        if row["task"] == ALL:
+            lines.append(
+                f"| transformers {row['method'].replace('_', ' ')} | {row['draft'] or '—'} | {row['gamma']} | "
+                f"{row['speedup']:.2f} | [{row['speedup_lo']:.2f}, {row['speedup_hi']:.2f}] | "
+                f"{row['tokens_per_call']:.2f} | {row['matches_target']:.0%} |"
+            )
+    return "\n".join(lines)
+
+
 def _markdown(results: EvalResults) -> str:
     s = results.settings
     drafts = "\n".join(
@@ -129,6 +147,8 @@ speculative, same prompts, per emitted token. `all` pools every prompt.
 {markdown_table(results)}
 
 {interval_table(results)}
+
+{baselines_table(results)}
 
 | draft | path | params | c (bytes) | draft step ms | target step ms | verify (γ+1) ms |
 |---|---|---:|---:|---:|---:|---:|

@@ -28,7 +28,7 @@ import torch
 from fastdraft_ray.config import ConfigError, EvaluateConfig, ModelConfig, check_choices
 from fastdraft_ray.data.tasks import EvalPrompt, load_tasks
 from fastdraft_ray.evaluate.endpoint import EndpointError, EndpointEvaluator
-from fastdraft_ray.evaluate.metrics import ALL, MODES, DraftInfo, EvalResults, aggregate
+from fastdraft_ray.evaluate.metrics import ALL, MODES, DraftInfo, EvalResults, aggregate, aggregate_baselines
 from fastdraft_ray.evaluate.worker import Evaluator
 from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
 from fastdraft_ray.models.target import DTYPES, load_target_config, load_tokenizer
@@ -41,6 +41,7 @@ class EvaluationError(ValueError):
     """The evaluation cannot run as configured; the message says what to change."""
 
 
+BASELINES = ("prompt_lookup", "assisted")  # evaluate.baselines: transformers' own speculative paths
 GENERIC_FOLDERS = {"export", "model", "hf", "final"}  # folder names that say nothing: show the parent
 
 
@@ -159,6 +160,13 @@ def evaluate(
         raise EvaluationError("evaluate.num_workers, gamma, max_gamma and max_new_tokens must all be >= 1")
     if any(not isinstance(g, int) or g < 1 for g in cfg.gamma_select):
         raise EvaluationError(f"evaluate.gamma_select must list gammas >= 1, got {cfg.gamma_select}")
+    unknown = sorted(set(cfg.baselines) - set(BASELINES))
+    if unknown:
+        raise EvaluationError(f"evaluate.baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
+    if cfg.baselines and (cfg.endpoint or "greedy" not in modes):
+        raise EvaluationError(
+            "evaluate.baselines run in-process on the greedy mode: needs 'greedy' in evaluate.modes and no evaluate.endpoint"
+        )
     if cfg.gamma_select and cfg.endpoint:
         raise EvaluationError(
             "evaluate.gamma_select prices gammas with latencies measured in-process; with evaluate.endpoint set "
@@ -206,6 +214,8 @@ def evaluate(
     }
     if cfg.endpoint:
         settings["endpoint"] = cfg.endpoint
+    if cfg.baselines:
+        settings["baselines"] = list(cfg.baselines)
     log.info(
         "evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)",
         len(drafts),
@@ -235,6 +245,8 @@ def evaluate(
         )
     gammas = {name: sorted({cfg.gamma, *chosen.get(name, {}).values()}) for name in drafts}
     records, latencies = _run_workers(model, drafts, flat, workers_cfg, gammas)
+    baseline_records = [r for r in records if "method" in r]
+    records = [r for r in records if "method" not in r]
     order = {p.id: i for i, p in enumerate(flat)}
     records.sort(
         key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"]), r["gamma"])
@@ -243,7 +255,8 @@ def evaluate(
     rows = aggregate(records, infos, cfg.gamma, tasks, cfg.gamma_policy)
     for row in rows:
         row["selected"] = chosen.get(row["draft"], {}).get(row["mode"]) == row["gamma"]
-    return EvalResults(model.target, settings, infos, records, rows, tasks, time.perf_counter() - start)
+    baselines = aggregate_baselines(baseline_records, tasks)
+    return EvalResults(model.target, settings, infos, records, rows, tasks, time.perf_counter() - start, baselines)
 
 
 def _draft_infos(
@@ -277,7 +290,7 @@ def _select_gammas(
 
     flat = [p for rows in prompts.values() for p in rows]
     log.info("choosing gamma from %s on %d calibration prompts", list(cfg.gamma_select), len(flat))
-    cfg = dataclasses.replace(cfg, gamma=max(cfg.gamma_select))
+    cfg = dataclasses.replace(cfg, gamma=max(cfg.gamma_select), baselines=[])  # calibration: the drafts only
     records, latencies = _run_workers(model, drafts, flat, cfg)
     infos = {info.name: info for info in _draft_infos(model, drafts, latencies, cfg.draft_precision)}
     chosen: dict[str, dict[str, int]] = {}

@@ -11,6 +11,7 @@ alpha, tau and the tokens do not depend on the worker count (only timings do).
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 
@@ -97,10 +98,76 @@ class Evaluator:
                     at_gamma = decoder if gamma == decoder.settings.gamma else decoder.with_gamma(gamma)
                     spec = at_gamma.generate(prompt.input_ids, generator=self._gen(seed), **kw)
                     records.append(_record(prompt, name, mode, spec, base, gamma))
+            if mode == "greedy":
+                records += self._baseline_records(prompt, base)
+        return records
+
+    def _baseline_records(self, prompt: EvalPrompt, base) -> list[dict]:
+        """transformers' own speculative paths on ``prompt``, greedy, against the same target-alone run ``base``:
+        prompt lookup decoding (no draft) and assisted generation with each draft, ``cfg.gamma`` tokens."""
+        methods = [("prompt_lookup", "", None)] if "prompt_lookup" in self.cfg.baselines else []
+        if "assisted" in self.cfg.baselines:
+            methods += [("assisted", name, decoder.draft) for name, decoder in self.decoders.items()]
+        records = []
+        for method, draft_name, assistant in methods:
+            tokens, calls, wall = hf_generate(
+                self.target_only, prompt.input_ids, self.cfg.max_new_tokens, self.cfg.gamma, assistant
+            )
+            records.append(
+                {
+                    "method": method,
+                    "draft": draft_name,
+                    "task": prompt.task,
+                    "prompt_id": prompt.id,
+                    "mode": "greedy",
+                    "gamma": self.cfg.gamma,
+                    "new_tokens": len(tokens),
+                    "target_calls": calls,
+                    "wall_time_s": wall,
+                    "base_new_tokens": base.stats.new_tokens,
+                    "base_wall_time_s": base.stats.wall_time_s,
+                    "matches_target": tokens == base.tokens,
+                }
+            )
         return records
 
     def _gen(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
+
+
+def hf_generate(decoder: SpecDecoder, input_ids, max_new_tokens: int, gamma: int, assistant=None):
+    """Greedy ``generate`` of the decoder's target with transformers' speculation: assisted generation with
+    ``assistant`` proposing a constant ``gamma`` tokens (no confidence cut-off), else prompt lookup decoding
+    matching ``gamma`` tokens. ``(new tokens cut after the first stop token, target forward calls, seconds)``."""
+    from transformers import GenerationConfig
+
+    target = decoder.target
+    ids = decoder.input_tensor(input_ids)
+    settings = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=decoder.stop_ids or None)
+    if assistant is not None:
+        assistant.generation_config.num_assistant_tokens = gamma
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assistant.generation_config.assistant_confidence_threshold = 0.0
+    else:
+        settings["prompt_lookup_num_tokens"] = gamma
+    calls = [0]
+    hook = target.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=GenerationConfig(pad_token_id=(decoder.stop_ids or [0])[0], **settings),
+                assistant_model=assistant,
+            )
+        wall = time.perf_counter() - start
+    finally:
+        hook.remove()
+    tokens = out[0, ids.shape[1] :].tolist()
+    stops = set(decoder.stop_ids or ())
+    end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
+    return tokens[:end], calls[0], wall
 
 
 def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base, gamma: int) -> dict:

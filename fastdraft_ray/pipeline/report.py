@@ -21,7 +21,7 @@ from pathlib import Path
 from fastdraft_ray.config import RunConfig
 from fastdraft_ray.evaluate.metrics import ALL, EvalResults
 from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT, PaperResult
-from fastdraft_ray.evaluate.report import interval_table
+from fastdraft_ray.evaluate.report import baselines_table, interval_table
 from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
 from fastdraft_ray.pipeline.stages import LABELS
 
@@ -175,6 +175,9 @@ def _markdown(cfg: RunConfig, results: EvalResults, outcomes, records: dict, pap
         parts += ["", f"Prompts whose greedy speculative output equals the target's own: {', '.join(same)}."]
     parts += ["", "## Wall-clock speedup over all families, every γ run, 90% bootstrap interval over prompts", ""]
     parts += [interval_table(results)]
+    if results.baselines:
+        parts += ["", "## What a user would try instead: transformers' own speculation, greedy, same prompts", ""]
+        parts += [baselines_table(results)]
     parts += ["", "## Stages", ""] + _stages_table(outcomes, records)
     parts += [
         "",

@@ -204,3 +204,27 @@ def test_real_target_with_random_draft(tmp_path, smollm2_dir, smollm2, prompts):
             assert gap < NEAR_TIE_LOGIT_GAP
     write_report(res, RunLayout.at(tmp_path / "run").eval_dir)
     assert (tmp_path / "run/eval/results.md").exists()
+
+
+def test_transformers_baselines_run_on_the_same_prompts_and_match_the_target(tmp_path, tiny_pair, prompts):
+    target, draft = tiny_pair
+    cfg = EvaluateConfig(**FAST, modes=["greedy"], baselines=["prompt_lookup", "assisted"], gamma_select=[1, 3])
+    res = evaluate(ModelConfig(target=target), [draft, target], cfg, prompts=prompts)
+    pooled = {(r["method"], r["draft"]): r for r in res.baselines if r["task"] == ALL}
+    assert set(pooled) == {("prompt_lookup", ""), ("assisted", "draft"), ("assisted", "target")}
+    assert all(
+        r["prompts"] == len(TASKS) and r["speedup"] > 0 and r["matches_target"] == 1.0 for r in pooled.values()
+    )
+    # The target assisting itself: every proposal accepted, 8 tokens in about 2 verifying calls + prefill.
+    assert pooled[("assisted", "target")]["tokens_per_call"] > pooled[("assisted", "draft")]["tokens_per_call"]
+    assert not any("method" in r for r in res.records)  # the baselines' records stay out of the draft rows
+    assert {(r["draft"], r["task"]): r["prompts"] for r in res.rows if r["gamma"] == 3}[("draft", ALL)] == len(
+        TASKS
+    )
+    write_report(res, RunLayout.at(tmp_path / "run").eval_dir)
+    md = (tmp_path / "run/eval/results.md").read_text()
+    assert "| transformers prompt lookup | — | 3 |" in md and "| transformers assisted | draft | 3 |" in md
+    with pytest.raises(EvaluationError, match="baselines"):
+        evaluate(
+            ModelConfig(target=target), [draft], EvaluateConfig(**FAST, baselines=["medusa"]), prompts=prompts
+        )
