@@ -141,6 +141,7 @@ def test_evaluation_through_http_gets_the_in_process_tokens_alpha_and_tau(real_a
         "cpu_quick",
         [
             "evaluate.gamma_select=[]",
+            "evaluate.baselines=[]",  # transformers' baselines run in-process only
             "evaluate.tasks=[story,code]",
             "evaluate.prompts_per_task=1",
             "evaluate.max_new_tokens=12",
