@@ -39,6 +39,7 @@ from fastdraft_ray.models.target import load_tokenizer  # noqa: E402
 from fastdraft_ray.serve.app import build_app  # noqa: E402
 
 CLIENT_TIMEOUT_S = 900
+PROMPTS_PER_TASK = 12  # distinct held-out prompts per family (the offline story source has 13)
 
 
 @serve.deployment(max_ongoing_requests=128)
@@ -151,10 +152,10 @@ def main() -> None:
         ],
     )
     tokenizer = load_tokenizer(cfg.model.target)
-    per_task = -(-max(args.requests) // 4)
-    prompts = [p for ps in load_tasks(tokenizer, cfg.evaluate.tasks, per_task, seed=1).values() for p in ps]
-    prompts = [prompts[i::per_task] for i in range(per_task)]  # interleave the families
-    prompts = [p for group in prompts for p in group]
+    per_task = min(-(-max(args.requests) // 4), PROMPTS_PER_TASK)
+    by_task = list(load_tasks(tokenizer, cfg.evaluate.tasks, per_task, seed=1).values())
+    mixed = [ps[i] for i in range(per_task) for ps in by_task]  # the families interleaved
+    prompts = [mixed[i % len(mixed)] for i in range(max(args.requests))]  # cycled when more requests than prompts
     body = {"max_tokens": args.max_tokens, "temperature": 0}
     levels = list(zip(args.concurrency, args.requests, strict=True))
     base = f"http://127.0.0.1:{port}"
