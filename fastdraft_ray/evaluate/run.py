@@ -85,14 +85,18 @@ def _run_workers(
     cfg: EvaluateConfig,
     gammas: dict[str, list[int]] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Evaluate prompts one at a time, here (1 worker on CPU) or on ``num_workers`` Ray actors, with a progress
-    bar; records come back in prompt order whatever the worker count."""
+    """Evaluate prompts one at a time, here (1 worker on CPU), through ``cfg.endpoint``, or on ``num_workers`` Ray
+    actors, with a progress bar; records come back in prompt order whatever the worker count."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(prompts), desc="evaluate", unit="prompt")
-    if cfg.endpoint:
+    if cfg.endpoint or (cfg.num_workers == 1 and not cfg.use_gpu):  # here: the server, or this process
+        previous = torch.get_num_threads()
         try:
-            evaluator = EndpointEvaluator(cfg.endpoint, drafts, cfg, gammas or {})
+            if cfg.endpoint:
+                evaluator = EndpointEvaluator(cfg.endpoint, drafts, cfg, gammas or {})
+            else:
+                evaluator = Evaluator(model, drafts, cfg, _threads(cfg), gammas)
             records = []
             for prompt in prompts:
                 records += evaluator.run([prompt])[0]
@@ -100,20 +104,10 @@ def _run_workers(
         except EndpointError as exc:
             raise EvaluationError(str(exc)) from None
         finally:
-            bar.close()
-        return records, []
-    if cfg.num_workers == 1 and not cfg.use_gpu:
-        previous = torch.get_num_threads()
-        try:
-            evaluator = Evaluator(model, drafts, cfg, _threads(cfg), gammas)
-            records = []
-            for prompt in prompts:
-                records += evaluator.run([prompt])[0]
-                bar.update()
-        finally:
             torch.set_num_threads(previous)  # this process keeps its own setting afterwards
             bar.close()
-        return records, [evaluator.measured_latencies()]
+        latencies = evaluator.measured_latencies()
+        return records, [latencies] if latencies else []
     import ray
     from ray.util import ActorPool
 

@@ -18,6 +18,7 @@ import torch
 from fastdraft_ray.config import EvaluateConfig, ModelConfig
 from fastdraft_ray.data.tasks import EvalPrompt
 from fastdraft_ray.models.draft import load_draft
+from fastdraft_ray.models.prompting import pad_token_id
 from fastdraft_ray.specdec.engine import SpecDecoder
 
 
@@ -158,7 +159,7 @@ def hf_generate(decoder: SpecDecoder, input_ids, max_new_tokens: int, gamma: int
             out = target.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                generation_config=GenerationConfig(pad_token_id=(decoder.stop_ids or [0])[0], **settings),
+                generation_config=GenerationConfig(pad_token_id=pad_token_id(decoder.tokenizer), **settings),
                 assistant_model=assistant,
             )
         wall = time.perf_counter() - start
