@@ -249,13 +249,68 @@ class EvaluateConfig(DecodeConfig):
 
 @dataclass
 class SearchConfig:
-    """Ray Tune search over draft depth x width."""
+    """Ray Tune search over the draft's architecture (``fastdraft_ray.search``, ``jobs/search.py``): each trial
+    trains one shape briefly through the training stack and is ranked by the speedup its proxy acceptance and its
+    measured latency predict; the winner is written as a recipe."""
 
-    layers: list = doc([2, 4, 6], "Depths to try.")
-    hidden_sizes: list = doc([192, 256, 384], "Widths to try.")
-    num_samples: int = doc(9, "Trials.")
-    token_budget_per_trial: int = doc(200_000, "Training tokens per trial.")
-    metric: str = doc("eval/instruction/speedup", "Metric to maximise.")
+    layers: list = doc([1, 2, 3, 4, 6, 8], "Depths to try.")
+    hidden_sizes: list = doc(
+        [128, 192, 256, 384, 512, 768, 1024], "Widths to try (multiples of the target's head_dim)."
+    )
+    gqa_groups: list = doc([1, 2], "Query heads per KV head to try (must divide the head count).")
+    intermediate_ratios: list = doc([2.0, 3.0], "MLP width / hidden width to try (rounded to a multiple of 64).")
+    head_vocabs: list = doc(
+        [4096, 8192, 16384, 0], "Output-head vocabularies to try (draft.head_vocab; 0 = full)."
+    )
+    inits: list = doc(["pca", "random"], "Initialisations to try (random, pca).")
+    target_layers: list = doc(
+        [], "init=layers sub-space: lists of target layer indices to copy (the target's widths), e.g. [[0, 29]]."
+    )
+    params_budget: float = doc(30e6, "Largest parameter count of a candidate (see budget_kind).")
+    min_params: float = doc(0.0, "Smallest parameter count of a candidate.")
+    budget_kind: Literal["total", "non_embedding"] = doc(
+        "total", "What params_budget counts: total or non_embedding."
+    )
+    algorithm: Literal["random", "optuna"] = doc(
+        "random",
+        "random: num_samples distinct points spread over depth; optuna: Optuna TPE over the valid points "
+        "(multi-objective when search.objectives is set).",
+    )
+    num_samples: int = doc(12, "Trials (architectures).")
+    include_default: bool = doc(
+        True, "The run's own draft shape is one of the trials (a baseline trained with the same budget)."
+    )
+    seed: int = doc(0, "Seed of the point sampling (and Optuna's sampler).")
+    data: str = doc("data/cp", "Shards the trials train on (relative = inside the run directory).")
+    token_budget_per_trial: int = doc(200_000, "Training tokens per trial (across its workers).")
+    report_every: int = doc(
+        10, "Optimizer steps between a trial's reports (proxy + predicted speedup, checkpoint)."
+    )
+    num_workers: int = doc(1, "Ray Train workers per trial.")
+    cpus_per_worker: int = doc(2, "CPU cores (and torch threads) per trial worker.")
+    max_concurrent_trials: int = doc(0, "Trials at once; 0 = the cluster's CPUs // one trial's CPUs.")
+    scheduler: Literal["asha", "none"] = doc("asha", "asha: stop poor trials early on the metric; none: run all.")
+    grace_steps: int = doc(10, "ASHA: optimizer steps every trial gets before it may be stopped.")
+    reduction_factor: int = doc(2, "ASHA: the fraction 1/reduction_factor of trials kept at each rung.")
+    metric: str = doc(
+        "train/predicted_speedup",
+        "What trials are ranked and stopped on (a key the trials report, e.g. train/predicted_speedup_greedy).",
+    )
+    objectives: list = doc(
+        [],
+        "optuna only: several keys to optimise at once (Pareto), e.g. [train/proxy_acceptance, search/draft_step_ms].",
+    )
+    threads: int = doc(1, "Torch threads the drafts are priced at (the evaluation's per-worker threads).")
+    device_profile: str = doc(
+        "", "A saved device profile (profile.json of an earlier search) to price drafts with instead of measuring."
+    )
+    latency_repeats: int = doc(
+        25, "Timed repeats per draft latency measurement, after 2 warm-ups (a 3 ms step varies by +-40%)."
+    )
+    latency_context: int = doc(128, "Tokens in the KV cache when latencies are measured.")
+    eval_prompts_per_task: int = doc(1, "Held-out prompts per family each trial's measured alpha uses.")
+    eval_max_new_tokens: int = doc(32, "Tokens generated per prompt in a trial's measurement.")
+    eval_modes: list = doc(["sampling"], "Modes of a trial's measurement (sampling and/or greedy).")
 
 
 @dataclass
@@ -292,7 +347,7 @@ class PipelineConfig:
 
     stages: list = doc(
         ["prepare", "pt", "cp", "generate", "ft", "evaluate"],
-        "Stages to run (always in the order prepare, pt, cp, generate, ft, evaluate); finished ones are skipped.",
+        "Stages to run (always in the order prepare, search, pt, cp, generate, ft, evaluate; search is opt-in and PT then trains its best shape); finished ones are skipped.",
     )
     evaluate_drafts: list = doc(
         ["pt", "cp", "ft"],
@@ -550,6 +605,7 @@ RUNTIME_KEYS = {
     ),
     "generate": ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend", "output"),  # as check_config
     "evaluate": ("drafts",),
+    "search": ("max_concurrent_trials", "device_profile"),
 }
 
 

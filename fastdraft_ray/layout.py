@@ -127,6 +127,44 @@ class StageLayout:
 
 
 @dataclass(frozen=True)
+class SearchLayout:
+    """Files of an architecture search, ``<run_dir>/search`` (fastdraft_ray.search)."""
+
+    root: Path
+
+    @property
+    def tune(self) -> Path:
+        """Ray Tune's experiment folder (``Tuner.restore`` resumes from it; per-trial TensorBoard events)."""
+        return self.root / "tune"
+
+    @property
+    def profile(self) -> Path:
+        """The device profile the drafts were priced with (search/latency.py)."""
+        return self.root / "profile.json"
+
+    @property
+    def results(self) -> Path:
+        """The trials as a table; ``.md`` beside it."""
+        return self.root / "results.csv"
+
+    @property
+    def recipe(self) -> Path:
+        """The winner as a recipe YAML the pipeline runs directly."""
+        return self.root / "recipe.yaml"
+
+    @property
+    def done(self) -> Path:
+        return done_file(self.root)
+
+    def plot(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+    def trial(self, trial: str) -> RunLayout:
+        """An isolated run directory for one trial, ``<run_dir>/search/trials/<trial>``."""
+        return RunLayout(self.root / "trials" / trial)
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """Every path of one run directory (see the module docstring for the tree and the remote-storage policy)."""
 
@@ -212,9 +250,15 @@ class RunLayout:
         """The training proxy's cached held-out set (train/proxy.py): target-written continuations + top-k."""
         return self._path("proxy", "set.npz")
 
-    def search_trial(self, trial: str) -> RunLayout:
-        """An isolated run directory for one search trial, ``<root>/search/<trial>``."""
-        return RunLayout(self._path("search", trial))
+    @property
+    def search_latency(self) -> Path:
+        """A search trial's measured price (draft step, c), written before it trains."""
+        return self._path("latency.json")
+
+    @property
+    def search(self) -> SearchLayout:
+        """The architecture search's folder ``<root>/search`` (trials, Tune experiment, profile, results)."""
+        return SearchLayout(self._path("search"))
 
     def _path(self, *parts: str) -> Path:
         return self.require_local("this stage").joinpath(*parts)

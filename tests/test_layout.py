@@ -27,8 +27,11 @@ def test_every_path_of_a_local_run(tmp_path):
     assert layout.eval_dir == root / "eval" and layout.report_dir == root / "report"
     assert layout.pipeline_record == root / "pipeline.json"
     assert layout.inside("data/cp") == root / "data" / "cp" and layout.inside("/abs/kd") == Path("/abs/kd")
-    trial = layout.search_trial("trial_0001")
-    assert trial.stage("pt").root == root / "search" / "trial_0001" / "pt"  # an isolated run directory
+    trial = layout.search.trial("trial_0001")
+    assert trial.stage("pt").root == root / "search" / "trials" / "trial_0001" / "pt"  # an isolated run directory
+    assert (
+        layout.search.tune == root / "search" / "tune" and layout.search.recipe == root / "search" / "recipe.yaml"
+    )
     with pytest.raises(LayoutError, match="not a training stage"):
         layout.stage("eval")
 

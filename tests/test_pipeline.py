@@ -13,8 +13,9 @@ import pytest
 from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import load_config
 from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT
-from fastdraft_ray.pipeline.run import plan, run_pipeline, selected_stages
-from fastdraft_ray.pipeline.stages import ORDER, PipelineError
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.pipeline.run import plan, resolve_run, run_pipeline, selected_stages
+from fastdraft_ray.pipeline.stages import ORDER, PipelineError, build_stage
 from tests.tiny_pipeline import tiny_recipe
 from tests.train.conftest import save_tiny_target
 
@@ -118,10 +119,8 @@ def test_stage_with_checkpoints_but_no_done_record_resumes(first_run):
 
 
 def test_stage_names_are_checked():
-    cfg = load_config(None, ["pipeline.stages=[pt, search]"])
-    with pytest.raises(PipelineError, match="search stage .* not available"):
-        selected_stages(cfg)
-    with pytest.raises(PipelineError, match="unknown pipeline stage 'bogus'; choose from prepare, pt"):
+    assert selected_stages(load_config(None, ["pipeline.stages=[pt, search]"])) == ["search", "pt"]
+    with pytest.raises(PipelineError, match="unknown pipeline stage 'bogus'; choose from prepare, search, pt"):
         selected_stages(load_config(None, ["pipeline.stages=[bogus]"]))
     assert selected_stages(load_config(None, ["pipeline.stages=[evaluate, prepare]"])) == [
         "prepare/pt",
@@ -131,10 +130,26 @@ def test_stage_names_are_checked():
 
 
 def test_pt_with_a_trimmed_head_counted_on_cp_data_depends_on_cp_data(tmp_path):
-    from fastdraft_ray.pipeline.stages import build_stage
-
     base = [f"storage={tmp_path}", "draft.head_vocab=64"]
     assert build_stage("pt", load_config("cpu_default", base)).inputs == ("prepare/pt", "prepare/cp")
     plain = load_config("cpu_default", [*base, "draft.head_vocab_from="])
     assert build_stage("pt", plain).inputs == ("prepare/pt",)
     assert build_stage("cp", load_config("cpu_default", base)).inputs == ("prepare/cp", "pt")
+
+
+def test_a_finished_search_gives_pt_its_best_shape(tmp_path):
+    from fastdraft_ray.pipeline.stages import with_searched_draft
+    from fastdraft_ray.search.space import Architecture
+
+    cfg = resolve_run(load_config("cpu_quick", [f"storage={tmp_path}", "pipeline.stages=[prepare, search, pt]"]))
+    best = Architecture(3, 192, 3, 3, 384, 4096, "pca", params=1, non_embedding_params=1).to_dict()
+    done = RunLayout.of(cfg).search.done
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"best": {**best, "init_layers": ""}}))
+    searched = with_searched_draft(cfg)
+    d = searched.draft
+    assert (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.intermediate_size) == (3, 192, 3, 3, 384)
+    assert d.head_vocab == 4096 and d.init == "pca" and d.head_vocab_from == cfg.draft.head_vocab_from
+    pt = build_stage("pt", searched)
+    assert pt.settings["draft"]["num_layers"] == 3 and build_stage("pt", cfg).settings["draft"]["num_layers"] == 2
+    assert build_stage("search", cfg).inputs == ("prepare/cp",)  # search.data = data/cp

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -16,70 +15,17 @@ from pathlib import Path
 import pytest
 
 from fastdraft_ray.train.run import resume_position
+from tests.ray_jobs import job_cluster, submit, wait_for, wait_status
 from tests.tiny_pipeline import tiny_recipe
 from tests.train.conftest import save_tiny_target
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24  # PT optimizer steps: 1 worker x 2 rows x 16 tokens = 32 tokens each
-TIMEOUT_S = 600  # generous: Ray workers run at low priority beside whatever else the machine does
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def job_client():
-    """A job client of a private 3-CPU Ray head (dashboard and dashboard agent on free ports: a taken agent port,
-    e.g. 52365 of another Ray on this machine, would silently disable job submission)."""
-    from ray.cluster_utils import Cluster
-    from ray.job_submission import JobSubmissionClient
-
-    port = _free_port()
-    head = {"num_cpus": 3, "include_dashboard": True, "dashboard_port": port}
-    cluster = Cluster(initialize_head=True, head_node_args={**head, "dashboard_agent_listen_port": _free_port()})
-    try:
-        yield JobSubmissionClient(f"http://127.0.0.1:{port}")
-    finally:
-        cluster.shutdown()
-
-
-def _submit(client, entrypoint: str) -> str:
-    """Submit with this checkout as the working dir; a fresh head's job agent needs a few seconds to accept jobs."""
-    runtime_env = {
-        "working_dir": str(ROOT),
-        "excludes": [".git", ".venv", "runs", "benchmarks/results", "**/__pycache__"],
-        "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"},
-    }
-    deadline = time.time() + 120
-    while True:
-        try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.time() > deadline:
-                raise
-            time.sleep(1)
-
-
-def _wait_for(client, job_id: str, what: str, found, timeout_s: float = TIMEOUT_S):
-    """Poll ``found()`` until it returns something true (returned); fail with the job's log tail if the job ends
-    without it or time runs out."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = client.get_job_status(job_id)  # read first: whatever happened before the job ended is seen below
-        result = found()
-        if result:
-            return result
-        if status.is_terminal():
-            pytest.fail(f"job {job_id} ended {status} before {what}:\n{client.get_job_logs(job_id)[-4000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"no {what} after {timeout_s} s:\n{client.get_job_logs(job_id)[-4000:]}")
-
-
-def _wait_status(client, job_id: str, want) -> None:
-    _wait_for(client, job_id, f"status {want}", lambda: client.get_job_status(job_id) == want)
+    with job_cluster(3) as client:
+        yield client
 
 
 def _checkpoint(sdir: Path):
@@ -108,17 +54,17 @@ def test_stopped_pipeline_job_resumes_pt_when_resubmitted(tmp_path, job_client):
     sdir = tmp_path / "runs" / "tiny" / "pt"
 
     started = time.time()
-    first = _submit(job_client, entrypoint)
-    seen = _wait_for(job_client, first, "a registered PT checkpoint", lambda: _checkpoint(sdir))
+    first = submit(job_client, entrypoint)
+    seen = wait_for(job_client, first, "a registered PT checkpoint", lambda: _checkpoint(sdir))
     job_client.stop_job(first)
-    _wait_status(job_client, first, JobStatus.STOPPED)
+    wait_status(job_client, first, JobStatus.STOPPED)
     stopped_at = resume_position(sdir)  # the newest checkpoint once the job is gone: where PT must resume
     assert not (sdir / "DONE.json").exists(), "PT finished before the job was stopped: raise STEPS"
     assert seen.step <= stopped_at.step < STEPS, (seen, stopped_at)
     stopped = time.time()
 
-    second = _submit(job_client, entrypoint)
-    _wait_status(job_client, second, JobStatus.SUCCEEDED)
+    second = submit(job_client, entrypoint)
+    wait_status(job_client, second, JobStatus.SUCCEEDED)
     logs = job_client.get_job_logs(second)
 
     done = json.loads((sdir / "DONE.json").read_text())

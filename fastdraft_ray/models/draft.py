@@ -67,7 +67,8 @@ _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _WIDTHS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 
 
-def _head_dim(config: PretrainedConfig) -> int:
+def head_dim_of(config: PretrainedConfig) -> int:
+    """The attention head width of a config (``head_dim``, else hidden / heads)."""
     head_dim = getattr(config, "head_dim", None)
     return head_dim or config.hidden_size // config.num_attention_heads
 
@@ -127,12 +128,12 @@ def _derive_family_config(target: PretrainedConfig, shape: DraftConfig) -> Pretr
 def _check_rope_head_dim(target: PretrainedConfig, shape: DraftConfig) -> None:
     """Rope scalings with per-dimension factors (e.g. longrope) only fit drafts with the target's head_dim."""
     rope = getattr(target, "rope_parameters", None) or {}
-    if any(isinstance(v, list) for v in rope.values()) and shape.hidden_size // shape.num_heads != _head_dim(
+    if any(isinstance(v, list) for v in rope.values()) and shape.hidden_size // shape.num_heads != head_dim_of(
         target
     ):
         raise ValueError(
-            f"the target's rope scaling has per-dimension factors, so the draft needs head_dim={_head_dim(target)}: "
-            f"choose num_heads = hidden_size / {_head_dim(target)}"
+            f"the target's rope scaling has per-dimension factors, so the draft needs head_dim={head_dim_of(target)}: "
+            f"choose num_heads = hidden_size / {head_dim_of(target)}"
         )
 
 
@@ -250,7 +251,7 @@ def draft_for_budget(
     layers and, among shapes within 10% of the closest fit, keeps the one whose hidden/layers is nearest 64.
     ``head_vocab`` counts a trimmed head of that many rows instead of the full-vocabulary one.
     """
-    head_dim = head_dim or _head_dim(target)
+    head_dim = head_dim or head_dim_of(target)
     kv_ratio = max(
         1,
         target.num_attention_heads // (getattr(target, "num_key_value_heads", None) or target.num_attention_heads),

@@ -33,13 +33,13 @@ from fastdraft_ray.config import RunConfig
 from fastdraft_ray.layout import LayoutError, RunLayout
 from fastdraft_ray.pipeline.stages import (
     GROUPS,
-    NOT_AVAILABLE,
     ORDER,
     PipelineError,
     Stage,
     build_stage,
     changed_keys,
     output_fingerprint,
+    with_searched_draft,
 )
 from fastdraft_ray.ray_runtime import local_ray_cpus
 
@@ -88,8 +88,6 @@ def selected_stages(cfg: RunConfig) -> list[str]:
     """The stage names ``pipeline.stages`` selects, in pipeline order; a clear error for an unknown name."""
     chosen = list(cfg.pipeline.stages)
     for name in [*chosen, *cfg.pipeline.force]:
-        if name in NOT_AVAILABLE:
-            raise PipelineError(NOT_AVAILABLE[name])
         if name not in GROUPS and name not in ORDER:
             raise PipelineError(f"unknown pipeline stage {name!r}; choose from {', '.join(GROUPS)}")
     for name in cfg.pipeline.evaluate_drafts:
@@ -110,6 +108,7 @@ def local_ray_resources(cfg: RunConfig) -> dict:
         max(
             cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
             cfg.generate.num_actors * cfg.generate.cpus_per_actor,
+            cfg.search.num_workers * cfg.search.cpus_per_worker + 1 if "search" in cfg.pipeline.stages else 0,
         )
     )
 
@@ -229,6 +228,11 @@ def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> P
                     f"{stage.label} needs the output of {upstream}, which is not finished: add it to pipeline.stages"
                 )
         outcomes.append(_run_stage(stage, records, record_path, inputs, name in forced, say))
+        if name == "search":  # PT and everything after it train the shape the search chose
+            cfg = with_searched_draft(cfg)
+            say(
+                f"draft shape from the search: {cfg.draft.num_layers} x {cfg.draft.hidden_size}, K={cfg.draft.head_vocab}"
+            )
     report = None
     if (Path(layout.eval_dir) / "results.json").exists():
         from fastdraft_ray.pipeline.report import write_pipeline_report
@@ -312,4 +316,6 @@ def plan(cfg: RunConfig) -> list[tuple[str, str, str]]:
         out.append((name, action, reason))
         if action not in ("skip", "adopt"):
             pending.add(name)
+        elif name == "search":
+            cfg = with_searched_draft(cfg)
     return out

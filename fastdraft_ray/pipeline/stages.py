@@ -4,6 +4,7 @@ library functions the stage jobs call: ``prepare``, ``train_stage``, ``run_gener
 Stages, in order (the ``pipeline.stages`` entry that selects each in brackets):
 
   prepare/pt, prepare/cp [prepare]   token shards     <run_dir>/data/<data.name>/manifest.json
+  search [search, opt-in]            draft shape      <run_dir>/search/DONE.json (PT then trains its best shape)
   pt, cp [pt, cp]                    trained drafts   <run_dir>/<stage>/DONE.json (+ export/)
   generate [generate]                KD data          <run_dir>/kd/DONE.json
   ft [ft]                            FT rows + draft  <run_dir>/data/<ft data.name>/, <run_dir>/ft/DONE.json
@@ -35,9 +36,10 @@ from fastdraft_ray.config import (
 from fastdraft_ray.layout import RunLayout, done_file
 from fastdraft_ray.train.run import UPSTREAM_DRAFT, init_source
 
-ORDER = ("prepare/pt", "prepare/cp", "pt", "cp", "generate", "ft", "evaluate")
+ORDER = ("prepare/pt", "prepare/cp", "search", "pt", "cp", "generate", "ft", "evaluate")
 GROUPS = {
     "prepare": ("prepare/pt", "prepare/cp"),
+    "search": ("search",),
     "pt": ("pt",),
     "cp": ("cp",),
     "generate": ("generate",),
@@ -47,15 +49,12 @@ GROUPS = {
 LABELS = {
     "prepare/pt": "prepare PT data",
     "prepare/cp": "prepare CP data",
+    "search": "architecture search",
     "pt": "PT",
     "cp": "CP",
     "generate": "generate KD data",
     "ft": "FT",
     "evaluate": "evaluate",
-}
-NOT_AVAILABLE = {
-    "search": "the architecture search stage (Ray Tune over draft depth x width) is not available yet; "
-    "remove 'search' from pipeline.stages",
 }
 
 
@@ -125,6 +124,8 @@ def build_stage(name: str, cfg: RunConfig, evaluate_drafts: list[str] | None = N
         return _prepare(cfg, name.split("/")[1])
     if name in UPSTREAM_DRAFT:
         return _training(cfg, name)
+    if name == "search":
+        return _search(cfg)
     if name == "generate":
         return _generate(cfg)
     if name == "evaluate":
@@ -238,6 +239,54 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         return f"checkpoint at step {resume.step}" if resume else None
 
     return Stage(stage, paths.done, folders, settings, inputs, run, adopt, unfinished)
+
+
+def with_searched_draft(cfg: RunConfig) -> RunConfig:
+    """``cfg`` whose draft is the finished search's best shape (what PT trains when the search stage ran)."""
+    from fastdraft_ray.search.report import searched_draft
+
+    best = json.loads(RunLayout.of(cfg).search.done.read_text())["best"]
+    return dataclasses.replace(cfg, draft=searched_draft(cfg, best))
+
+
+def _search(cfg: RunConfig) -> Stage:
+    layout = RunLayout.of(cfg)
+    search = layout.search
+    settings = {
+        "model": to_dict(cfg.model),
+        "search": section_settings(cfg.search, "search"),
+        "pt": training_settings(stage_config(cfg, "pt")),
+    }
+    data = Path(layout.inside(cfg.search.data))
+    inputs = tuple(f"prepare/{name}" for name in ("pt", "cp") if data == Path(layout.data(name)))
+
+    def run() -> dict:
+        from fastdraft_ray.search.run import SearchError, run_search
+
+        try:
+            result = run_search(cfg)
+        except SearchError as exc:
+            raise PipelineError(str(exc)) from None
+        best = result.best
+        return {"trials": len(result.rows), "best": best["name"], cfg.search.metric: best.get(cfg.search.metric)}
+
+    def adopt() -> str | None:
+        old = _load_old_config(json.loads(search.done.read_text()).get("config", {}))
+        if isinstance(old, str):
+            return old
+        return _differs(
+            {
+                "model": to_dict(old.model),
+                "search": section_settings(old.search, "search"),
+                "pt": training_settings(stage_config(old, "pt")),
+            },
+            settings,
+        )
+
+    def unfinished() -> str | None:
+        return "a Tune experiment to restore" if search.tune.exists() else None
+
+    return Stage("search", search.done, (search.root,), settings, inputs, run, adopt, unfinished)
 
 
 def _generate(cfg: RunConfig) -> Stage:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -145,6 +146,30 @@ def best_gamma(
         key=lambda gs: gs[1],
     )
     return best if best[1] > 1.0 else (0, 1.0)
+
+
+@dataclass(frozen=True)
+class SpeedupModel:
+    """What a draft's speed on one device comes down to: c = draft step / target step and the target's
+    verify-cost curve v(k) (k = 1..len); ``predict`` turns a per-token acceptance into the expected speedup."""
+
+    c: float
+    verify_cost: tuple[float, ...]
+    max_gamma: int = 8
+
+    def predict(self, alpha_per_token: float) -> tuple[int, float]:
+        """``(gamma, speedup)`` at the gamma in 1..max_gamma (and the curve) that maximises ``expected_speedup``;
+        unlike ``best_gamma`` the speedup may be below 1 (a ranking of drafts that do not pay yet keeps order)."""
+        top = min(self.max_gamma, len(self.verify_cost) - 1)
+        if top < 1:
+            raise ValueError(
+                f"the verify-cost curve must cover k = 2 at least, got {len(self.verify_cost)} points"
+            )
+        alpha = min(max(float(alpha_per_token), 0.0), 1.0)
+        return max(
+            ((g, expected_speedup(alpha, g, self.c, self.verify_cost)) for g in range(1, top + 1)),
+            key=lambda gs: gs[1],
+        )
 
 
 def measure_step_latency(

@@ -9,6 +9,8 @@ validation, TensorBoard, checkpoints with the data position, resume, and the fin
   has_val        whether a "val" dataset was passed (validation loss every ``eval_every`` steps)
   proxy          optional ``proxy.ProxySet``: the training proxy is scored before the first step, every
                  ``train.proxy_every`` steps and after the last (``train/proxy_acceptance``, ``train/proxy_top1``)
+  speedup_model  optional ``stats.SpeedupModel`` as a dict (the search's): adds ``train/predicted_speedup`` to
+                 every proxy score
   kd_layout      optional (FT): the shards hold fixed-width distillation rows (``kd_rows.RowLayout``); the loss
                  is then ``train.kd_loss`` on response positions instead of next-token loss on packed rows
   trace_dir      optional: every rank appends one JSON line per optimizer step (rows trained, loss) -- an audit
@@ -36,6 +38,7 @@ import torch.distributed as dist
 
 from fastdraft_ray.config import TrainConfig, config_from_dict
 from fastdraft_ray.layout import StageLayout
+from fastdraft_ray.specdec.stats import SpeedupModel
 from fastdraft_ray.train.losses import make_loss_fn
 from fastdraft_ray.train.position import DataPosition, Geometry, row_id
 from fastdraft_ray.train.proxy import SCORE_ROWS, ProxySet, score_rows, summarize
@@ -121,6 +124,21 @@ def _score_proxy(engine, proxy: ProxySet | None, temperature: float, rank: int, 
     flat = _mean_across([x for task in tasks for x in totals[task]], engine.device)
     scores = summarize({task: np.array(flat[3 * i : 3 * i + 3]) for i, task in enumerate(tasks)})
     return {(f"train/{k}" if k.startswith("proxy_") else f"proxy/{k}"): v for k, v in scores.items()}
+
+
+def predicted_speedups(proxy_scores: dict[str, float], speedup_model: dict | None) -> dict[str, float]:
+    """``train/predicted_speedup`` (+ ``_greedy``, ``train/predicted_gamma``): the speedup a draft with the proxy's
+    per-token acceptance would reach with this ``SpeedupModel`` (as a dict; the search passes it), else empty."""
+    if not speedup_model or "train/proxy_acceptance" not in proxy_scores:
+        return {}
+    model = SpeedupModel(**{**speedup_model, "verify_cost": tuple(speedup_model["verify_cost"])})
+    gamma, speedup = model.predict(proxy_scores["train/proxy_acceptance"])
+    _, greedy = model.predict(proxy_scores["train/proxy_top1"])
+    return {
+        "train/predicted_speedup": speedup,
+        "train/predicted_speedup_greedy": greedy,
+        "train/predicted_gamma": gamma,
+    }
 
 
 def _save(engine, position: DataPosition, geo: Geometry, metrics: dict, rank: int) -> None:
@@ -268,6 +286,7 @@ def train_fn_per_worker(config: dict) -> None:
         if proxy is None:
             return
         proxy_scores.update(_score_proxy(engine, proxy, train.proxy_temperature, rank, world))
+        proxy_scores.update(predicted_speedups(proxy_scores, config.get("speedup_model")))
         if writer is not None:
             for name, value in proxy_scores.items():
                 writer.add_scalar(name, value, at_step)

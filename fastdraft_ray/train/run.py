@@ -151,13 +151,21 @@ def run_stage_job(cfg: RunConfig, data_dir: str, init_from: str | None) -> dict:
 
 
 def train_stage(
-    cfg: RunConfig, data_dir: str, *, init_from: str | None = None, extra_loop_config: dict | None = None
+    cfg: RunConfig,
+    data_dir: str,
+    *,
+    init_from: str | None = None,
+    extra_loop_config: dict | None = None,
+    proxy=None,
+    callbacks: list | None = None,
 ) -> dict:
     """Train stage ``cfg.train.stage`` on the prepared shards in ``data_dir``; returns the DONE.json record.
 
     Resumes the stage's latest checkpoint if the run directory has one (``resume_position``; DONE.json's
-    ``resumed_from`` records which). ``extra_loop_config`` is merged into the worker config (test hooks
-    ``trace_dir``/``fail_at``, see loop.py).
+    ``resumed_from`` records which). ``extra_loop_config`` is merged into the worker config (loop.py: the
+    search's ``speedup_model``, test hooks ``trace_dir``/``fail_at``). ``proxy``: a ``ProxySet`` to score
+    (default: the run's own, built on first use); ``callbacks``: Ray Train callbacks (the search's
+    ``TuneReportCallback``).
     """
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -199,8 +207,9 @@ def train_stage(
     datasets = build_datasets(
         data_dir, cfg, start_row, max(start_row, total_steps * geo.rows_per_step), tokenizer_hash, rows_per_epoch
     )
-    proxy = None
-    if tc.proxy_every > 0:
+    if tc.proxy_every <= 0:
+        proxy = None
+    elif proxy is None:
         from fastdraft_ray.train.proxy import load_or_build
 
         proxy = load_or_build(cfg)
@@ -228,6 +237,7 @@ def train_stage(
             storage_path=str(sdir.parent),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, tc.checkpoints_to_keep)),
+            callbacks=callbacks or None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
