@@ -22,7 +22,8 @@ def main() -> None:
     start = time.perf_counter()
     target, tokenizer = load_target(cfg.model.target, dtype=cfg.model.dtype)
     log.info("target %s ready in %.1f s", cfg.model.target, time.perf_counter() - start)
-    draft = new_draft(target.config, cfg.draft, seed=cfg.train.seed)
+    target_model = target if cfg.draft.init != "random" else None  # pca / layers copy the target's weights
+    draft = new_draft(target.config, cfg.draft, seed=cfg.train.seed, target_model=target_model)
     check_compatible(target, draft, tokenizer, tokenizer)
     out = save_draft(draft, tokenizer, RunLayout.of(cfg).draft_init)
 
@@ -38,7 +39,7 @@ def main() -> None:
             f"{n.total:>15,}{n.embedding:>13,}{n.non_embedding:>13,}"
         )
     print(f"parameter ratio c = draft bytes / target bytes = {c:.4f}")
-    print(f"draft (random init, vocabulary-compatible) saved to {out}")
+    print(f"draft (init={cfg.draft.init}, vocabulary-compatible) saved to {out}")
 
 
 if __name__ == "__main__":

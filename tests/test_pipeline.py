@@ -49,7 +49,7 @@ def first_run(tmp_path_factory, ray_3cpu):
 
 def test_full_run_trains_every_stage_and_writes_the_report(first_run):
     result, run_dir = first_run.result, first_run.run_dir
-    assert result.actions() == {name: "started" for name in ORDER}
+    assert result.actions() == {name: "not_selected" if name == "search" else "started" for name in ORDER}
     for label in ("prepare PT data", "prepare CP data", "PT", "CP", "generate KD data", "FT", "evaluate"):
         assert f"{label}: started" in first_run.lines and any(
             x.startswith(f"{label}: done in") for x in first_run.lines
@@ -77,14 +77,14 @@ def test_full_run_trains_every_stage_and_writes_the_report(first_run):
     evaluated = json.loads((run_dir / "eval" / "results.json").read_text())
     assert [d["name"] for d in evaluated["drafts"]] == list(TRAINED)  # one evaluation, one shared baseline
     records = json.loads((run_dir / "pipeline.json").read_text())["stages"]
-    assert all(records[s]["status"] == "done" for s in ORDER)
+    assert all(records[s]["status"] == "done" for s in ORDER if s != "search")  # search: opt-in
 
 
 def test_second_run_skips_every_stage(first_run):
     before = {s: sha256_file(first_run.run_dir / s / "DONE.json") for s in (*TRAINED, "kd", "eval")}
-    assert [action for _, action, _ in plan(load_config(str(first_run.recipe)))] == ["skip"] * len(ORDER)
+    assert [action for _, action, _ in plan(load_config(str(first_run.recipe)))] == ["skip"] * (len(ORDER) - 1)
     result, lines = _run(first_run.recipe)
-    assert result.actions() == {name: "skipped" for name in ORDER}
+    assert result.actions() == {name: "not_selected" if name == "search" else "skipped" for name in ORDER}
     assert "PT: skipped (done, settings and inputs unchanged)" in lines
     assert before == {s: sha256_file(first_run.run_dir / s / "DONE.json") for s in (*TRAINED, "kd", "eval")}
     assert result.report and Path(result.report).exists()  # the report is re-made from the stored results
