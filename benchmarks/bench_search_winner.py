@@ -55,8 +55,7 @@ def export_of(cfg, row: dict, profile: DeviceProfile, proxy) -> Path:
     from fastdraft_ray.data.stream import read_manifest
     from fastdraft_ray.train.run import train_stage
 
-    layers = [int(i) for i in str(row.get("init_layers") or "").split("-") if i and i != "nan"]
-    arch = Architecture.from_dict({**row, "init_layers": layers})
+    arch = Architecture.from_dict(row)
     tcfg = trial_config(cfg, arch, f"{arch.name}_{row['trial_id']}", int(read_manifest(data_dir(cfg))["seq_len"]))
     layout = RunLayout.of(tcfg).stage("pt")
     if not layout.done.exists():
@@ -134,8 +133,7 @@ def main() -> None:
     for info in results.drafts:
         role = roles.get(Path(info.path).parent.parent.name, info.name)
         row = chosen[role]
-        layers = [int(i) for i in str(row.get("init_layers") or "").split("-") if i and i != "nan"]
-        arch = Architecture.from_dict({**row, "init_layers": layers})
+        arch = Architecture.from_dict(row)
         model: SpeedupModel = profile.speedup_model(arch, cfg.evaluate.max_gamma)
         for mode, key in (("sampling", "proxy_acceptance"), ("greedy", "proxy_top1")):
             r = results.row(info.name, mode, "all", gamma)

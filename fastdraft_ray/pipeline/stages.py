@@ -249,14 +249,19 @@ def with_searched_draft(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, draft=searched_draft(cfg, best))
 
 
-def _search(cfg: RunConfig) -> Stage:
-    layout = RunLayout.of(cfg)
-    search = layout.search
-    settings = {
+def _search_settings(cfg: RunConfig) -> dict:
+    """What a search's result depends on: the target, the search keys and the PT settings its trials train with."""
+    return {
         "model": to_dict(cfg.model),
         "search": section_settings(cfg.search, "search"),
         "pt": training_settings(stage_config(cfg, "pt")),
     }
+
+
+def _search(cfg: RunConfig) -> Stage:
+    layout = RunLayout.of(cfg)
+    search = layout.search
+    settings = _search_settings(cfg)
     data = Path(layout.inside(cfg.search.data))
     inputs = tuple(f"prepare/{name}" for name in ("pt", "cp") if data == Path(layout.data(name)))
 
@@ -274,14 +279,7 @@ def _search(cfg: RunConfig) -> Stage:
         old = _load_old_config(json.loads(search.done.read_text()).get("config", {}))
         if isinstance(old, str):
             return old
-        return _differs(
-            {
-                "model": to_dict(old.model),
-                "search": section_settings(old.search, "search"),
-                "pt": training_settings(stage_config(old, "pt")),
-            },
-            settings,
-        )
+        return _differs(_search_settings(old), settings)
 
     def unfinished() -> str | None:
         return "a Tune experiment to restore" if search.tune.exists() else None

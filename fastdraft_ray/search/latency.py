@@ -14,7 +14,7 @@ import contextlib
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -101,14 +101,12 @@ def measure_draft(arch: Architecture, target_config, profile: DeviceProfile, rep
     ``profile.drafts``; a shape already there is not measured again)."""
     if arch.name in profile.drafts:
         return profile.drafts[arch.name]
-    import dataclasses
-
     from fastdraft_ray.models.draft import build_draft, derive_draft_config
     from fastdraft_ray.models.trimmed_head import trimmed_head
 
     shape = arch.draft_config()
     if arch.init == "layers":  # the target's widths; the weights do not change the latency
-        shape = dataclasses.replace(shape, init="random", init_layers=[])
+        shape = replace(shape, init="random", init_layers=[])
     draft = build_draft(derive_draft_config(target_config, shape))
     head = trimmed_head(draft)
     if head is not None:

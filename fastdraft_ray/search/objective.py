@@ -63,14 +63,20 @@ def data_dir(cfg: RunConfig) -> str:
     return str(RunLayout.of(cfg).inside(cfg.search.data))
 
 
+def trial_steps(cfg: RunConfig, seq_len: int) -> int:
+    """Optimizer steps of one trial: ``search.token_budget_per_trial`` with PT's batch on the trial's workers."""
+    pt = stage_config(cfg, "pt").train
+    geo = Geometry(cfg.search.num_workers, pt.micro_batch_size, pt.grad_accum_steps, seq_len)
+    return geo.total_steps(cfg.search.token_budget_per_trial)
+
+
 def trial_config(cfg: RunConfig, arch: Architecture, trial: str, seq_len: int) -> RunConfig:
     """The run config of one trial: PT's settings with the trial's shape, budget and workers, in its own run
     directory ``<run_dir>/search/trials/<trial>``; a trimmed head counts tokens where the run's PT would."""
     s, pt = cfg.search, stage_config(cfg, "pt")
     heads_from = ",".join(str(p) for p in head_vocab_sources(pt, data_dir(cfg))) if arch.head_vocab else ""
     draft = arch.draft_config(dataclasses.replace(pt.draft, head_vocab_from=heads_from, init_from=None))
-    geo = Geometry(s.num_workers, pt.train.micro_batch_size, pt.train.grad_accum_steps, seq_len)
-    steps = geo.total_steps(s.token_budget_per_trial)
+    steps = trial_steps(cfg, seq_len)
     train = dataclasses.replace(
         pt.train,
         stage="pt",

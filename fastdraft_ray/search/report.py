@@ -16,7 +16,7 @@ import yaml
 from fastdraft_ray.config import DraftConfig, RunConfig, to_dict
 from fastdraft_ray.layout import SearchLayout
 from fastdraft_ray.search.latency import DeviceProfile, measure_draft
-from fastdraft_ray.search.space import Architecture
+from fastdraft_ray.search.space import Architecture, shape_at
 
 COLUMNS = (
     ("name", "shape"),
@@ -72,8 +72,7 @@ def best_row(rows: list[dict], metric: str) -> dict:
 
 def searched_draft(cfg: RunConfig, best: dict) -> DraftConfig:
     """``cfg.draft`` with the shape of a search's best row (its other keys, e.g. head_vocab_from, kept)."""
-    layers = [int(i) for i in str(best.get("init_layers") or "").split("-") if i]
-    return Architecture.from_dict({**best, "init_layers": layers}).draft_config(cfg.draft)
+    return Architecture.from_dict(best).draft_config(cfg.draft)
 
 
 def winner_recipe(cfg: RunConfig, best: dict) -> dict:
@@ -107,25 +106,10 @@ def latency_grid(cfg: RunConfig, profile: DeviceProfile, target_config) -> dict[
     grid = {}
     for layers in s.layers:
         for hidden in s.hidden_sizes:
-            heads = hidden // head_dim
-            if not heads or hidden % head_dim or heads % groups:
-                continue
-            shape = DraftConfig(
-                num_layers=layers,
-                hidden_size=hidden,
-                num_heads=heads,
-                num_kv_heads=heads // groups,
-                intermediate_size=max(64, int(round(hidden * ratio / 64)) * 64),
-                head_vocab=k,
-            )
-            arch = Architecture(
-                *(getattr(shape, f) for f in ("num_layers", "hidden_size", "num_heads")),
-                shape.num_kv_heads,
-                shape.intermediate_size,
-                k,
-                "random",
-            )
-            grid[(layers, hidden)] = 1000 * measure_draft(arch, target_config, profile, cfg.search.latency_repeats)
+            shape = shape_at(layers, hidden, groups, ratio, k, "random", head_dim)
+            if shape is not None:
+                arch = Architecture.of(shape)
+                grid[(layers, hidden)] = 1000 * measure_draft(arch, target_config, profile, s.latency_repeats)
     return grid
 
 

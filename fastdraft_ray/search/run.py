@@ -19,7 +19,7 @@ from pathlib import Path
 from fastdraft_ray.config import ConfigError, RunConfig, stage_config, to_dict
 from fastdraft_ray.layout import RunLayout, SearchLayout
 from fastdraft_ray.search.latency import DeviceProfile, measure_draft, measure_target
-from fastdraft_ray.search.objective import data_dir, reported_keys, run_trial
+from fastdraft_ray.search.objective import data_dir, reported_keys, run_trial, trial_steps
 from fastdraft_ray.search.space import Architecture, enumerate_space, sample_points
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,12 @@ def check_search(cfg: RunConfig, target_config) -> list[Architecture]:
             raise SearchError(
                 f"search objective {key!r} is not a key any trial reports; choose from {', '.join(known)}"
             )
-    bad_modes = sorted(set(s.eval_modes) - {"sampling", "greedy"}) or ([] if s.eval_modes else ["(none)"])
-    if bad_modes:
-        raise SearchError(f"search.eval_modes {bad_modes}: choose sampling and/or greedy")
+    if not s.eval_modes or not set(s.eval_modes) <= {"sampling", "greedy"}:
+        raise SearchError(f"search.eval_modes={s.eval_modes}: choose sampling and/or greedy")
     if s.num_samples < 1 or s.token_budget_per_trial < 1 or s.report_every < 1 or s.num_workers < 1:
         raise SearchError("search.num_samples, token_budget_per_trial, report_every and num_workers must be >= 1")
     if s.objectives and s.algorithm != "optuna":
         raise SearchError("search.objectives (several at once) needs search.algorithm=optuna")
-    if cfg.train.proxy_every <= 0 and stage_config(cfg, "pt").train.proxy_every <= 0:
-        log.info("train.proxy_every=0 does not apply to trials: they score the proxy every search.report_every")
     data = Path(data_dir(cfg))
     if not (data / "manifest.json").exists():
         raise SearchError(
@@ -72,11 +69,10 @@ def check_search(cfg: RunConfig, target_config) -> list[Architecture]:
 def device_profile(cfg: RunConfig, layout: SearchLayout, target_config) -> DeviceProfile:
     """``search.device_profile`` if set, else this run's ``profile.json`` when it matches, else measured now."""
     from fastdraft_ray.models.target import load_target
+    from fastdraft_ray.specdec.precision import resolve_precision
 
     s = cfg.search
-    precision = (
-        cfg.evaluate.precision or {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
-    )
+    precision = resolve_precision(cfg.evaluate.precision, cfg.model.dtype)
     for path in [Path(s.device_profile)] if s.device_profile else [layout.profile]:
         if path.exists():
             profile = DeviceProfile.load(path)
@@ -151,22 +147,27 @@ def default_point(cfg: RunConfig, points: list[Architecture]) -> Architecture | 
     return None
 
 
-def chosen_points(cfg: RunConfig, points: list[Architecture]) -> list[Architecture]:
-    """The points a random search tries (the run's own shape first when ``search.include_default``)."""
-    s = cfg.search
-    default = default_point(cfg, points) if s.include_default else None
-    chosen = sample_points([p for p in points if p != default], s.num_samples - (default is not None), s.seed)
+def chosen_points(
+    points: list[Architecture], default: Architecture | None, n: int, seed: int
+) -> list[Architecture]:
+    """The ``n`` points a random search tries, ``default`` (the run's own shape, when given) first."""
+    chosen = sample_points([p for p in points if p != default], n - (default is not None), seed)
     return [default, *chosen] if default is not None else chosen
 
 
-def _tuner(cfg: RunConfig, layout: SearchLayout, trainable, points: list[Architecture], total_steps: int):
+def _tuner(
+    cfg: RunConfig,
+    layout: SearchLayout,
+    trainable,
+    points: list[Architecture],
+    default: Architecture | None,
+    total_steps: int,
+):
+    """The Tuner over ``points`` (optuna: the whole space; random: the chosen points, each tried once)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.search
-    names = [p.name for p in points]
-    default = default_point(cfg, points) if s.include_default else None
-    chosen = chosen_points(cfg, points)
     scheduler = None
     if s.scheduler == "asha":
         scheduler = ASHAScheduler(
@@ -191,9 +192,9 @@ def _tuner(cfg: RunConfig, layout: SearchLayout, trainable, points: list[Archite
             else optuna.samplers.NSGAIISampler(seed=s.seed),
             points_to_evaluate=[{"arch": default.name}] if default is not None else None,
         )
-        param_space, num_samples = {"arch": tune.choice(names)}, s.num_samples
+        param_space, num_samples = {"arch": tune.choice([p.name for p in points])}, s.num_samples
     else:
-        search_alg, param_space, num_samples = None, {"arch": tune.grid_search([p.name for p in chosen])}, 1
+        search_alg, param_space, num_samples = None, {"arch": tune.grid_search([p.name for p in points])}, 1
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -214,7 +215,6 @@ def run_search(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Sea
     from fastdraft_ray.data.stream import read_manifest
     from fastdraft_ray.models.target import load_target_config
     from fastdraft_ray.search.report import write_outputs
-    from fastdraft_ray.train.position import Geometry
     from fastdraft_ray.train.proxy import load_or_build
 
     echo = echo or log.info
@@ -229,15 +229,14 @@ def run_search(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Sea
     echo(f"search space: {len(points)} valid shapes within {s.params_budget:.3g} {s.budget_kind} parameters")
     proxy = load_or_build(pt)
     profile = device_profile(cfg, layout, target_config)
+    default = default_point(cfg, points) if s.include_default else None
+    tried = points if s.algorithm == "optuna" else chosen_points(points, default, s.num_samples, s.seed)
     if s.algorithm == "random":  # priced here, one after another, before any trial loads the machine
-        for point in chosen_points(cfg, points):
+        for point in tried:
             measure_draft(point, target_config, profile, s.latency_repeats)
         if not s.device_profile:
             profile.save(layout.profile)
-    seq_len = int(read_manifest(data_dir(cfg))["seq_len"])
-    total_steps = Geometry(
-        s.num_workers, pt.train.micro_batch_size, pt.train.grad_accum_steps, seq_len
-    ).total_steps(s.token_budget_per_trial)
+    total_steps = trial_steps(cfg, int(read_manifest(data_dir(cfg))["seq_len"]))
     by_name = {p.name: p.to_dict() for p in points}
     trainable = tune.with_parameters(
         tune.with_resources(run_trial, {"CPU": 0.01}),  # the trial drives; its workers reserve their own CPUs
@@ -250,7 +249,7 @@ def run_search(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Sea
         echo(f"search: resuming {layout.tune}")
         tuner = tune.Tuner.restore(str(layout.tune), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        tuner = _tuner(cfg, layout, trainable, points, total_steps)
+        tuner = _tuner(cfg, layout, trainable, tried, default, total_steps)
     grid = tuner.fit()
     rows = []
     for result in grid:
@@ -278,8 +277,6 @@ def run_search(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> Sea
         raise SearchError(
             f"no trial of the search in {layout.tune} reported a result; see the trials' errors there"
         )
-    if not s.device_profile:
-        profile.save(layout.profile)
     files, best = write_outputs(cfg, layout, rows, profile, target_config)
     wall = time.perf_counter() - started
     layout.done.write_text(

@@ -61,30 +61,49 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: dict) -> Architecture:
+        """From ``to_dict`` output or a results-table row (``init_layers`` there is ``"0-29"``, or empty/NaN)."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        layers = data.get("init_layers", ())
+        if not isinstance(layers, (list, tuple)):
+            layers = [int(i) for i in str(layers).split("-") if i.isdigit()]
+        return cls(**{**{k: v for k, v in data.items() if k in fields}, "init_layers": tuple(layers)})
+
+    @classmethod
+    def of(cls, shape: DraftConfig, params: int = 0, non_embedding_params: int = 0) -> Architecture:
+        """The point of a draft shape (parameter counts as given)."""
         return cls(
-            **{**{k: v for k, v in data.items() if k in fields}, "init_layers": tuple(data.get("init_layers", ()))}
+            shape.num_layers,
+            shape.hidden_size,
+            shape.num_heads,
+            shape.num_kv_heads,
+            shape.intermediate_size,
+            shape.head_vocab,
+            shape.init,
+            tuple(shape.init_layers),
+            params,
+            non_embedding_params,
         )
 
 
-def _counted(target, shape: DraftConfig) -> tuple[int, int]:
-    counts = count_params(derive_draft_config(target, shape))
-    return counts.total, counts.non_embedding
-
-
-def _point(target, shape: DraftConfig) -> Architecture:
-    total, non_embedding = _counted(target, shape)
-    return Architecture(
-        shape.num_layers,
-        shape.hidden_size,
-        shape.num_heads,
-        shape.num_kv_heads,
-        shape.intermediate_size,
-        shape.head_vocab,
-        shape.init,
-        tuple(shape.init_layers),
-        total,
-        non_embedding,
+def shape_at(
+    layers: int, hidden: int, groups: int, ratio: float, head_vocab: int, init: str, head_dim: int
+) -> DraftConfig | None:
+    """The draft shape of one combination of the space's lists (heads = hidden / head_dim, KV heads = heads /
+    groups, MLP = ratio x hidden rounded to a multiple of 64), or None when the combination is not a valid shape."""
+    if layers < 1 or hidden % head_dim or hidden < head_dim or groups < 1:
+        return None
+    heads = hidden // head_dim
+    inter = int(round(hidden * ratio / 64)) * 64
+    if heads % groups or inter < 64:
+        return None
+    return DraftConfig(
+        num_layers=int(layers),
+        hidden_size=int(hidden),
+        num_heads=heads,
+        num_kv_heads=heads // int(groups),
+        intermediate_size=inter,
+        head_vocab=int(head_vocab),
+        init=init,
     )
 
 
@@ -116,32 +135,14 @@ def enumerate_space(target, s: SearchConfig) -> list[Architecture]:
     """Every valid point of the space within the parameter budget, smallest first; ``ConfigError`` when none."""
     _check_lists(s, target)
     head_dim = head_dim_of(target)
-    which = 0 if s.budget_kind == "total" else 1
-    points: list[Architecture] = []
-    for layers, hidden, groups, ratio, k, init in itertools.product(
-        s.layers, s.hidden_sizes, s.gqa_groups, s.intermediate_ratios, s.head_vocabs, s.inits
-    ):
-        if layers < 1 or hidden % head_dim or hidden < head_dim or groups < 1:
-            continue
-        heads = hidden // head_dim
-        if heads % groups:
-            continue
-        inter = int(round(hidden * ratio / 64)) * 64
-        if inter < 64:
-            continue
-        shape = DraftConfig(
-            num_layers=int(layers),
-            hidden_size=int(hidden),
-            num_heads=heads,
-            num_kv_heads=heads // int(groups),
-            intermediate_size=inter,
-            head_vocab=int(k),
-            init=init,
+    shapes = [
+        shape_at(layers, hidden, groups, ratio, k, init, head_dim)
+        for layers, hidden, groups, ratio, k, init in itertools.product(
+            s.layers, s.hidden_sizes, s.gqa_groups, s.intermediate_ratios, s.head_vocabs, s.inits
         )
-        if s.min_params <= _counted(target, shape)[which] <= s.params_budget:
-            points.append(_point(target, shape))
-    for layers, k in itertools.product(s.target_layers, s.head_vocabs):
-        shape = DraftConfig(
+    ]
+    shapes += [
+        DraftConfig(
             num_layers=len(layers),
             hidden_size=target.hidden_size,
             num_heads=target.num_attention_heads,
@@ -151,8 +152,13 @@ def enumerate_space(target, s: SearchConfig) -> list[Architecture]:
             init="layers",
             init_layers=[int(i) for i in layers],
         )
-        if s.min_params <= _counted(target, shape)[which] <= s.params_budget:
-            points.append(_point(target, shape))
+        for layers, k in itertools.product(s.target_layers, s.head_vocabs)
+    ]
+    points: list[Architecture] = []
+    for shape in filter(None, shapes):
+        counts = count_params(derive_draft_config(target, shape))
+        if s.min_params <= (counts.total if s.budget_kind == "total" else counts.non_embedding) <= s.params_budget:
+            points.append(Architecture.of(shape, counts.total, counts.non_embedding))
     if not points:
         raise ConfigError(
             f"the search space is empty: no shape of search.layers x hidden_sizes x gqa_groups x intermediate_ratios "

@@ -132,12 +132,13 @@ def verify_at(verify_cost: VerifyCurve | None, k: int) -> float:
 
 
 def best_gamma(
-    alpha: float, c: float, max_gamma: int = 8, verify_cost: VerifyCurve | None = None
+    alpha: float, c: float, max_gamma: int = 8, verify_cost: VerifyCurve | None = None, allow_plain: bool = True
 ) -> tuple[int, float]:
     """The gamma in 1..max_gamma maximising ``expected_speedup`` (memory-bound when ``verify_cost`` is None),
     with that speedup.
 
-    Returns ``(0, 1.0)`` when no gamma beats plain decoding (speedup <= 1).
+    Returns ``(0, 1.0)`` when no gamma beats plain decoding (speedup <= 1), unless ``allow_plain`` is False: then
+    the best gamma >= 1 with its speedup, even below 1.
     """
     if max_gamma < 1:
         raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
@@ -145,7 +146,7 @@ def best_gamma(
         ((g, expected_speedup(alpha, g, c, verify_cost)) for g in range(1, max_gamma + 1)),
         key=lambda gs: gs[1],
     )
-    return best if best[1] > 1.0 else (0, 1.0)
+    return best if best[1] > 1.0 or not allow_plain else (0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -166,10 +167,7 @@ class SpeedupModel:
                 f"the verify-cost curve must cover k = 2 at least, got {len(self.verify_cost)} points"
             )
         alpha = min(max(float(alpha_per_token), 0.0), 1.0)
-        return max(
-            ((g, expected_speedup(alpha, g, self.c, self.verify_cost)) for g in range(1, top + 1)),
-            key=lambda gs: gs[1],
-        )
+        return best_gamma(alpha, self.c, top, self.verify_cost, allow_plain=False)
 
 
 def measure_step_latency(
