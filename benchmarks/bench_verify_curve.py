@@ -2,7 +2,10 @@
 
 1. The target's verify-cost curve v(k) = time to score k tokens in one forward / one decode step, on a warm KV
    cache of ``--context`` tokens, at 1 thread and at 2, ``--runs`` independent runs each (``stats.measure_verify_cost``,
-   the function the evaluation and the cost policy use). Printed: the step in ms and v(2..8) per run.
+   the function the evaluation and the cost policy use), with torch's linear (the baseline) and with the
+   small-batch kernel (``decode.linear_kernel=auto``, ``specdec/kernels.py``) one after the other in each run.
+   Printed: the step in ms and v(2..8) per run and kernel, and the kernel's step and verify costs relative to
+   torch's (the time to score k tokens, kernel / torch).
 2. Tokens per second of the target GENERATING (``distill.batched.generate_batch``, sampling T=1, 64-token prompts,
    32 new tokens) at batch 1, 16 and 64, and SCORING teacher-forced (one forward over batch x length, the full
    next-token distribution at every position) at 8 x 256 and 16 x 512 -- with the ratio score / generate.
@@ -29,18 +32,37 @@ import torch  # noqa: E402
 from fastdraft_ray.models.batched import generate_batch  # noqa: E402
 from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids  # noqa: E402
 from fastdraft_ray.models.target import load_target  # noqa: E402
+from fastdraft_ray.specdec.kernels import (  # noqa: E402
+    small_batch_linear_op,
+    use_small_batch_kernel,
+    use_torch_linear,
+)
 from fastdraft_ray.specdec.stats import measure_verify_cost  # noqa: E402
 
 
 def verify_curves(model, context: int, runs: int, threads: list[int], max_k: int) -> list[str]:
-    lines = [f"verify-cost curve v(k), KV cache {context} tokens (median of 15 forwards per k, sizes interleaved)"]
+    lines = [
+        f"verify-cost curve v(k), KV cache {context} tokens (median of 15 forwards per k, sizes interleaved; "
+        "torch = torch's linear, kernel = decode.linear_kernel=auto)"
+    ]
     ids = torch.randint(100, 20000, (1, context), generator=torch.Generator().manual_seed(0))
+    kernels = ["torch", "kernel"] if small_batch_linear_op() is not None else ["torch"]
     for n in threads:
         torch.set_num_threads(n)
         for run in range(runs):
-            curve, step = measure_verify_cost(model, ids, max_k, repeats=15, warmup=3)
-            vs = "  ".join(f"v({k})={v:.2f}" for k, v in enumerate(curve, start=1) if k > 1)
-            lines.append(f"  {n} thread(s), run {run + 1}: step {step * 1e3:6.1f} ms  {vs}")
+            times = {}
+            for kernel in kernels:
+                use_small_batch_kernel(model) if kernel == "kernel" else use_torch_linear(model)
+                curve, step = measure_verify_cost(model, ids, max_k, repeats=15, warmup=3)
+                times[kernel] = [v * step for v in curve]
+                vs = "  ".join(f"v({k})={v:.2f}" for k, v in enumerate(curve, start=1) if k > 1)
+                lines.append(f"  {n} thread(s), run {run + 1}, {kernel:>6}: step {step * 1e3:6.1f} ms  {vs}")
+            if len(times) == 2:
+                ratios = "  ".join(
+                    f"k={k}: {b / a:.2f}" for k, (a, b) in enumerate(zip(*times.values(), strict=True), 1)
+                )
+                lines.append(f"  {n} thread(s), run {run + 1}, kernel time / torch time:  {ratios}")
+    use_torch_linear(model)
     return lines
 
 

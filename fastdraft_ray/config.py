@@ -199,6 +199,11 @@ class DecodeConfig:
         "", "Target AND draft precision: fp32 | bf16 | fp16 | int8 (dynamic int8 Linear, CPU); '' = model.dtype."
     )
     draft_precision: PRECISION_CHOICES = doc("", "Draft precision if different from precision ('' = the same).")
+    linear_kernel: Literal["auto", "torch"] = doc(
+        "auto",
+        "fp32 on CPU: auto = decode/verify steps (<= 8 rows) on the batch-invariant small-batch kernel "
+        "(specdec/kernels.py, AVX2; torch's linear where unavailable); torch = torch's linear everywhere.",
+    )
     gamma_policy: Literal["constant", "confidence", "heuristic", "cost"] = doc(
         "constant", "Draft length per step: constant | confidence | heuristic | cost (specdec/policy.py)."
     )

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastdraft_ray.search.space import Architecture
+from fastdraft_ray.specdec.precision import prepare_for_inference
 from fastdraft_ray.specdec.stats import SpeedupModel, measure_step_latency, measure_verify_cost
 
 MAX_K = 9  # verify curve points: gamma up to 8
@@ -38,10 +39,11 @@ class DeviceProfile:
     verify_cost: list[float]
     drafts: dict[str, float] = field(default_factory=dict)  # Architecture.name -> draft decode step seconds
     machine: str = ""
+    linear_kernel: str = "torch"  # decode.linear_kernel the latencies were measured with (older profiles: torch)
 
     @property
     def key(self) -> str:
-        return f"{self.device}-{self.precision}-t{self.threads}-ctx{self.context}"
+        return f"{self.device}-{self.precision}-{self.linear_kernel}-t{self.threads}-ctx{self.context}"
 
     def save(self, path: Path) -> Path:
         """Write as JSON (beside, then renamed: a crash leaves no half file)."""
@@ -82,9 +84,17 @@ def _context_ids(vocab_size: int, context: int) -> torch.LongTensor:
 
 
 def measure_target(
-    target, name: str, precision: str, threads: int, context: int = 128, repeats: int = 7
+    target,
+    name: str,
+    precision: str,
+    threads: int,
+    context: int = 128,
+    repeats: int = 7,
+    linear_kernel: str = "torch",
 ) -> DeviceProfile:
-    """A profile holding the target's decode step and verify curve v(1..MAX_K) on its device."""
+    """A profile holding the target's decode step and verify curve v(1..MAX_K) on its device, with the target
+    prepared (in place) as decoding prepares it: ``precision`` and ``linear_kernel``."""
+    target = prepare_for_inference(target, precision, inplace=True, linear_kernel=linear_kernel)
     device = next(target.parameters()).device
     with torch_threads(threads):
         verify, step_s = measure_verify_cost(
@@ -93,7 +103,17 @@ def measure_target(
     machine = (
         f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical cores; torch {torch.__version__}"
     )
-    return DeviceProfile(name, device.type, precision, threads, context, step_s, list(verify), machine=machine)
+    return DeviceProfile(
+        name,
+        device.type,
+        precision,
+        threads,
+        context,
+        step_s,
+        list(verify),
+        machine=machine,
+        linear_kernel=linear_kernel,
+    )
 
 
 def measure_draft(arch: Architecture, target_config, profile: DeviceProfile, repeats: int = 7) -> float:
@@ -111,8 +131,9 @@ def measure_draft(arch: Architecture, target_config, profile: DeviceProfile, rep
     head = trimmed_head(draft)
     if head is not None:
         head.set_kept_ids(torch.arange(arch.head_vocab))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(profile.precision, torch.float32)
-    draft = draft.to(device=profile.device, dtype=dtype)
+    draft = prepare_for_inference(
+        draft.to(profile.device), profile.precision, inplace=True, linear_kernel=profile.linear_kernel
+    )
     with torch_threads(profile.threads):
         seconds = measure_step_latency(
             draft, _context_ids(target_config.vocab_size, profile.context).to(profile.device), 1, repeats

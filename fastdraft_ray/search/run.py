@@ -78,11 +78,12 @@ def device_profile(cfg: RunConfig, layout: SearchLayout, target_config) -> Devic
             profile = DeviceProfile.load(path)
             if profile.target != cfg.model.target and s.device_profile:
                 raise SearchError(f"{path} profiles target {profile.target}, not {cfg.model.target}")
-            if s.device_profile or (profile.threads, profile.context, profile.precision) == (
-                s.threads,
-                s.latency_context,
-                precision,
-            ):
+            if s.device_profile or (
+                profile.threads,
+                profile.context,
+                profile.precision,
+                profile.linear_kernel,
+            ) == (s.threads, s.latency_context, precision, cfg.evaluate.linear_kernel):
                 return profile
         elif s.device_profile:
             raise SearchError(
@@ -90,7 +91,13 @@ def device_profile(cfg: RunConfig, layout: SearchLayout, target_config) -> Devic
             )
     target, _ = load_target(cfg.model.target, cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     profile = measure_target(
-        target, cfg.model.target, precision, s.threads, s.latency_context, max(15, s.latency_repeats)
+        target,
+        cfg.model.target,
+        precision,
+        s.threads,
+        s.latency_context,
+        max(15, s.latency_repeats),
+        cfg.evaluate.linear_kernel,
     )
     log.info(
         "device profile %s: target step %.1f ms, v(2..4) = %s",

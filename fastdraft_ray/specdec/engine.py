@@ -84,7 +84,7 @@ class SpecDecoder:
         target, tokenizer = load_target(
             model.target, dtype=model.dtype, device=device, trust_remote_code=model.trust_remote_code
         )
-        target = prepare_for_inference(target, precision, inplace=True)
+        target = prepare_for_inference(target, precision, inplace=True, linear_kernel=settings.linear_kernel)
         decoder = cls(target, None, settings, tokenizer=tokenizer, precision=precision)
         return decoder.with_draft(load_draft(draft)) if draft else decoder
 
@@ -110,7 +110,10 @@ class SpecDecoder:
         """A decoder sharing this one's target (no copy) with ``draft``, prepared at the draft precision."""
         s = self.settings
         draft = prepare_for_inference(
-            draft.to(self.device), resolve_precision(s.draft_precision or self.precision), inplace=True
+            draft.to(self.device),
+            resolve_precision(s.draft_precision or self.precision),
+            inplace=True,
+            linear_kernel=s.linear_kernel,
         )
         return SpecDecoder(
             self.target, draft, s, tokenizer=self.tokenizer, stop_ids=self.stop_ids, precision=self.precision

@@ -10,6 +10,9 @@
   untied head and a custom head module holding an ``nn.Linear`` (e.g. a vocabulary-trimmed head) are all
   covered.
 
+- ``linear_kernel='auto'`` (fp32 on a CPU): the linear layers run decode and verify steps on the batch-invariant
+  small-batch kernel of ``specdec.kernels`` (the same parameters; prefill and training stay on torch's GEMM).
+
 Speedups must always compare speculative decoding with the target alone AT THE SAME PRECISION; the evaluation
 harness prepares both from the same settings. Note on losslessness: ``quantize_dynamic`` picks ONE activation
 scale per input tensor, so scoring k tokens at once yields (slightly) different logits than decoding them one
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from fastdraft_ray.specdec.kernels import LINEAR_KERNELS, use_small_batch_kernel, use_torch_linear
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # ModelConfig.dtype names
@@ -74,21 +79,30 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
 
 
-def prepare_for_inference(model: PreTrainedModel, precision: str = "fp32", inplace: bool = False) -> nn.Module:
-    """Return ``model`` in eval mode at ``precision`` (one of ``PRECISIONS``, see the module docstring).
+def prepare_for_inference(
+    model: PreTrainedModel, precision: str = "fp32", inplace: bool = False, linear_kernel: str = "torch"
+) -> nn.Module:
+    """Return ``model`` in eval mode at ``precision`` (one of ``PRECISIONS``, see the module docstring), its
+    linear layers on ``linear_kernel`` (``auto``: the small-batch kernel for fp32 on a CPU that has it).
 
-    ``inplace=False`` (default) leaves the given model untouched (the result is a copy for bf16/int8), so one
-    loaded fp32 model can be prepared at several precisions. Raises ``PrecisionError`` for an unknown name,
-    int8 on a non-CPU device, or a model that is already quantised.
+    ``inplace=False`` (default) leaves the given model's weights untouched (the result is a copy for bf16/int8;
+    fp32 returns the model itself, whose linear layers ``auto`` switches in place: same parameters, same
+    results up to rounding), so one loaded fp32 model can be prepared at several precisions. Raises
+    ``PrecisionError`` for an unknown name, int8 on a non-CPU device, or a model that is already quantised.
     """
     check_precision(precision)
+    if linear_kernel not in LINEAR_KERNELS:
+        raise PrecisionError(f"linear_kernel {linear_kernel!r} is not one of {', '.join(LINEAR_KERNELS)}")
     if is_quantized(model):
         raise PrecisionError("model is already int8-quantised; prepare it from the fp32/bf16 model instead")
     device = model_device(model)
     model = model if inplace or precision == "fp32" else copy.deepcopy(model)
     model.eval()
     if precision == "fp32":
-        return model.float() if any(p.dtype != torch.float32 for p in model.parameters()) else model
+        model = model.float() if any(p.dtype != torch.float32 for p in model.parameters()) else model
+        if linear_kernel == "auto" and device.type == "cpu":
+            use_small_batch_kernel(model)
+        return model
     if precision == "bf16":
         if device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn(
@@ -112,4 +126,5 @@ def prepare_for_inference(model: PreTrainedModel, precision: str = "fp32", inpla
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         model.float()
+        use_torch_linear(model)  # quantize_dynamic swaps plain nn.Linear modules only
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
