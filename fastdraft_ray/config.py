@@ -137,6 +137,11 @@ class TrainConfig:
         "distribution over the draft's head (PT, CP, FT); none: the data's tokens (or FT's stored top-k).",
     )
     teacher_topk: int = doc(0, "train.teacher=online: keep the target's top-k over the draft's head (0 = all).")
+    freeze_embeddings: bool = doc(
+        False,
+        "Keep the draft's input embedding fixed (e.g. draft.init=pca): no gradient, optimizer state or all-reduce "
+        "for it; a head tied to it stays fixed too.",
+    )
     proxy_every: int = doc(
         25, "Optimizer steps between training-proxy scores (train/proxy_acceptance, proxy_top1); 0 = off."
     )

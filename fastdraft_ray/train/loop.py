@@ -247,6 +247,8 @@ def train_fn_per_worker(config: dict) -> None:
 
     model = load_draft(config["init_dir"]).train()
     model.config.use_cache = False
+    if train.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

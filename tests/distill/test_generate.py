@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastdraft_ray.distill.generate import read_kd
-from fastdraft_ray.models.batched import generate_batch, score_topk
+from fastdraft_ray.models.batched import generate_batch, sample_batch, score_topk
 from tests.distill.conftest import gen_config, write_alpaca
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,22 +32,35 @@ def tiny_model():
     return LlamaForCausalLM(tiny_config("llama")).eval()
 
 
-def test_left_padded_greedy_matches_unpadded(tiny_model):
+@pytest.mark.parametrize("sampler", [generate_batch, sample_batch])
+def test_left_padded_greedy_matches_unpadded(tiny_model, sampler):
     prompts = [[1, 5], [1, 9, 10, 11, 12, 13], [1, 40, 41, 42]]
-    batched = generate_batch(tiny_model, prompts, temperature=0.0, max_new_tokens=8, pad=0, eos=[2])
+    batched = sampler(tiny_model, prompts, temperature=0.0, max_new_tokens=8, pad=0, eos=[2])
     for p, (ids, finished) in zip(prompts, batched, strict=True):
         alone = generate_batch(tiny_model, [p], temperature=0.0, max_new_tokens=8, pad=0, eos=[2])[0]
         assert (ids, finished) == alone  # fp32 near-ties could flip this on a real model; not on these rows
         assert finished == (ids[-1] == 2) and 2 not in ids[:-1]
 
 
-def test_padded_sampling_follows_the_targets_full_distribution(tiny_model):
+def test_lean_sampler_stops_rows_at_their_stop_token(tiny_model):
+    """A row that emits a stop token ends there (later steps pad it); the others run to max_new_tokens."""
+    torch.manual_seed(3)
+    prompts = [[1, 5 + i] for i in range(24)]
+    out = sample_batch(tiny_model, prompts, temperature=1.5, max_new_tokens=12, pad=0, eos=[2, 7])
+    assert any(finished for _, finished in out) and not all(finished for _, finished in out)
+    for ids, finished in out:
+        stops = [i for i, t in enumerate(ids) if t in (2, 7)]
+        assert stops == ([len(ids) - 1] if finished else []) and (finished or len(ids) == 12)
+
+
+@pytest.mark.parametrize("sampler", [generate_batch, sample_batch])
+def test_padded_sampling_follows_the_targets_full_distribution(tiny_model, sampler):
     """First tokens of a short prompt, left-padded beside a long one, sampled at T=0.7: their frequencies match
     softmax(logits / 0.7) of the unpadded prompt, including the tail beyond HF's default top_k=50."""
     torch.manual_seed(0)
     short, long = [1, 5, 6], [1] + list(range(10, 30))
     n = 600
-    out = generate_batch(tiny_model, [short] * n + [long], temperature=0.7, max_new_tokens=1, pad=0, eos=[2])
+    out = sampler(tiny_model, [short] * n + [long], temperature=0.7, max_new_tokens=1, pad=0, eos=[2])
     first = np.array([ids[0] for ids, _ in out[:n]])
     with torch.no_grad():
         p = torch.softmax(tiny_model(input_ids=torch.tensor([short])).logits[0, -1] / 0.7, -1).numpy()

@@ -98,3 +98,17 @@ def test_val_split_smaller_than_one_global_micro_batch_is_still_scored(tmp_path,
     record = train_stage(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256), str(data))
     val = record["metrics"]["val/loss"]
     assert val is not None and 0 < val < 10
+
+
+def test_frozen_embeddings_stay_at_their_init_while_the_layers_train(tmp_path, tiny_target, tiny_data, ray_3cpu):
+    from safetensors.torch import load_file
+
+    from fastdraft_ray.layout import RunLayout
+    from fastdraft_ray.train.run import train_stage
+
+    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256, freeze_embeddings=True)
+    train_stage(cfg, str(tiny_data))
+    stage = RunLayout.of(cfg).stage("pt")
+    init, out = load_file(stage.init / "model.safetensors"), load_file(stage.export / "model.safetensors")
+    assert torch.equal(init["model.embed_tokens.weight"], out["model.embed_tokens.weight"])
+    assert not torch.equal(init["model.layers.0.mlp.up_proj.weight"], out["model.layers.0.mlp.up_proj.weight"])
