@@ -1,12 +1,13 @@
 """Does a draft pay off on this machine? One row per (draft, precision, gamma policy, mode) (issue #7's table):
 
     python benchmarks/bench_draft_efficiency.py --drafts cp=runs/cpu_default/cp/export \\
-        [--precision fp32 int8] [--gamma-policy constant cost] [--modes greedy sampling] \\
+        [--precision fp32 int8] [--linear-kernel torch auto] [--gamma-policy constant cost] [--modes greedy sampling] \\
         [--prompts-per-task 2 --max-new-tokens 48 --gamma 3 --threads 1] [--prior-alpha calibrate|0.1]
 
 Each row runs the evaluation harness (``fastdraft_ray.evaluate.run.evaluate``: held-out prompts of the four
 task families, target alone then speculative decoding back to back per prompt) with target AND draft at the
-row's precision, so every speedup is against the target alone AT THE SAME PRECISION. Columns: alpha per task
+row's precision and linear kernel (``decode.linear_kernel``: torch's linear, or ``auto``, the small-batch kernel), so
+every speedup is against the target alone AT THE SAME PRECISION AND KERNEL. Columns: alpha per task
 family, c = measured draft step / target step, v(gamma+1) = measured cost of scoring gamma+1 tokens in one
 target forward / one decode step, the mean gamma the policy used and the share of plain (gamma 0) steps, the
 wall-clock speedup per task family and overall, the cost-model prediction tau / (gamma*c + v(gamma+1)), and for
@@ -45,6 +46,7 @@ from fastdraft_ray.specdec.precision import PRECISIONS  # noqa: E402
 FIELDS = (
     "draft",
     "precision",
+    "linear_kernel",
     "policy",
     "mode",
     "task",
@@ -105,7 +107,7 @@ def run_rows(args, drafts: dict[str, str], prompts) -> list[dict]:
     policies = list(args.gamma_policy)
     if calibrate and "cost" in policies:
         policies = ["constant", *[p for p in policies if p != "constant"]]
-    for precision in args.precision:
+    for kernel, precision in [(k, p) for k in args.linear_kernel for p in args.precision]:
         alphas: dict[str, float] = {}
         for policy in policies:
             if policy == "cost" and calibrate:
@@ -124,16 +126,19 @@ def run_rows(args, drafts: dict[str, str], prompts) -> list[dict]:
                     seed=args.seed,
                     cpus_per_worker=args.threads,
                     precision=precision,
+                    linear_kernel=kernel,
                     gamma_policy=policy,
                     confidence_threshold=args.confidence_threshold,
                     max_gamma=args.max_gamma,
                     prior_alpha=prior,
                 )
-                print(f"== precision {precision}, policy {policy}, prior alpha {prior:g}", flush=True)
+                print(f"== precision {precision}, {kernel} linear, policy {policy}, prior {prior:g}", flush=True)
                 res = evaluate(ModelConfig(target=args.target), paths, cfg, prompts=prompts)
                 if policy == "constant":
                     alphas.update(_calibrated(res, by_path))
-                rows += _rows(args, res, by_path, precision, policy, prior)
+                rows += [
+                    {**r, "linear_kernel": kernel} for r in _rows(args, res, by_path, precision, policy, prior)
+                ]
     return rows
 
 
@@ -182,19 +187,19 @@ def render(args, rows: list[dict], tasks: list[str], header: str) -> str:
     """One table: a row per (draft, precision, policy, mode); alpha and speedup per task family, then overall."""
     cols = [f"{t} α" for t in tasks] + [f"{t} speedup" for t in tasks]
     head = (
-        ["draft", "precision", "policy", "mode", "target ms/step", "c", f"v({args.gamma + 1})", "mean γ", "plain"]
+        ["draft", "precision", "linear", "policy", "mode", "target ms/step", "c", f"v({args.gamma + 1})", "mean γ"]
+        + ["plain"]
         + cols
         + ["α all", "α/token", "prior α", "τ all", "predicted", "speedup all", "greedy = target"]
     )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
     groups = {}
     for r in rows:
-        groups.setdefault((r["draft"], r["precision"], r["policy"], r["mode"], r["prior_alpha"]), {})[
-            r["task"]
-        ] = r
-    for (draft, precision, policy, mode, _), by_task in groups.items():
+        key = (r["draft"], r["precision"], r["linear_kernel"], r["policy"], r["mode"], r["prior_alpha"])
+        groups.setdefault(key, {})[r["task"]] = r
+    for (draft, precision, kernel, policy, mode, _), by_task in groups.items():
         a = by_task[ALL]
-        cells = [draft, precision, policy, mode, _fmt(a["target_step_ms"], 1), _fmt(a["c"], 3)]
+        cells = [draft, precision, kernel, policy, mode, _fmt(a["target_step_ms"], 1), _fmt(a["c"], 3)]
         cells += [_fmt(a["verify_cost"]), _fmt(a["mean_gamma"]), _fmt(a["plain_step_share"])]
         cells += [_fmt(by_task[t]["acceptance_rate"], 3) if t in by_task else "—" for t in tasks]
         cells += [_fmt(by_task[t]["speedup"]) if t in by_task else "—" for t in tasks]
@@ -225,6 +230,13 @@ def main() -> None:
     ap.add_argument("--target", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--drafts", nargs="+", required=True, help="name=path of HF draft folders")
     ap.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    ap.add_argument(
+        "--linear-kernel",
+        nargs="+",
+        default=["auto"],
+        choices=["torch", "auto"],
+        help="decode.linear_kernel: torch's linear and/or the small-batch kernel (auto), each its own rows",
+    )
     ap.add_argument("--gamma-policy", nargs="+", default=["constant"], choices=POLICIES)
     ap.add_argument("--modes", nargs="+", default=["greedy"], choices=["greedy", "sampling"])
     ap.add_argument("--temperature", type=float, default=0.6, help="sampling mode (paper protocol: 0.6)")
