@@ -1,11 +1,11 @@
 """Does the training proxy predict measured acceptance? Proxy vs measured alpha/token for drafts that span a range:
 
-    python benchmarks/bench_proxy.py --config cpu_quick storage=/tmp/runs [--layers 2] \\
+    python benchmarks/bench_proxy.py --config cpu_quick storage=/tmp/runs [--layers 2 16 24] \\
         [--prompts-per-task 4 --max-new-tokens 64] [--drafts name=folder ...]
 
-Drafts: the run's untrained PT draft (``pt/init``: random layers), its PT, CP and FT exports (those that exist), a
-draft made of ``--layers`` layers copied from the target (``draft.init=layers``, same kept head), and any
-``--drafts``. Each is scored by the training proxy (train/proxy.py: teacher-forced on held-out target-written
+Drafts: the run's untrained PT draft (``pt/init``: random layers), its PT, CP and FT exports (those that exist),
+drafts made of each ``--layers`` count of layers copied from the target (``draft.init=layers``, same kept head),
+and any ``--drafts``. Each is scored by the training proxy (train/proxy.py: teacher-forced on held-out target-written
 continuations, well under a second per draft) and evaluated by the harness (held-out prompts of the four families,
 ``evaluate.modes``, the config's gamma and temperature), in one process. Prints, per draft: proxy_acceptance (the
 expected per-token acceptance at ``train.proxy_temperature``) next to the measured sampling alpha/token, and
@@ -66,7 +66,7 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(np.corrcoef(ranks(list(x)), ranks(list(y)))[0, 1])
 
 
-def run_drafts(cfg, work: Path, layers: int, extra: list[str]) -> dict[str, str]:
+def run_drafts(cfg, work: Path, layers: list[int], extra: list[str]) -> dict[str, str]:
     """Name -> HF folder of every draft to compare (see the module docstring)."""
     layout = RunLayout.of(cfg)
     drafts = {}
@@ -75,9 +75,10 @@ def run_drafts(cfg, work: Path, layers: int, extra: list[str]) -> dict[str, str]
     for stage in TRAINING_STAGES:
         if (layout.stage(stage).export / "config.json").exists():
             drafts[stage] = str(layout.stage(stage).export)
-    if layers:
-        shape = dataclasses.replace(cfg.draft, init="layers", num_layers=layers, init_layers=[])
-        drafts[f"layers{layers}"] = str(prepare_init(dataclasses.replace(cfg, draft=shape), work / "layers", None))
+    for n in layers:
+        shape = dataclasses.replace(cfg.draft, init="layers", num_layers=n, init_layers=[])
+        folder = work / f"layers{n}"
+        drafts[f"layers{n}"] = str(prepare_init(dataclasses.replace(cfg, draft=shape), folder, None))
     for spec in extra:
         name, _, path = spec.partition("=")
         drafts[name] = path
@@ -89,7 +90,9 @@ def run_drafts(cfg, work: Path, layers: int, extra: list[str]) -> dict[str, str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cpu_default")
-    parser.add_argument("--layers", type=int, default=2, help="also a draft of this many target layers (0 = none)")
+    parser.add_argument(
+        "--layers", type=int, nargs="*", default=[2], help="also drafts of these many target layers (none: none)"
+    )
     parser.add_argument("--drafts", nargs="*", default=[], help="extra name=folder drafts")
     parser.add_argument("--prompts-per-task", type=int, default=None, help="default: the config's evaluate value")
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -187,7 +190,7 @@ def main() -> None:
         f"{rho.get('greedy', float('nan')):.2f}; over (draft, family, mode) points: {rho_family:.2f}.",
         "",
         f"Command: `python benchmarks/bench_proxy.py --config {args.config} {' '.join(args.overrides)} "
-        f"--layers {args.layers} --prompts-per-task {ev.prompts_per_task} --max-new-tokens {ev.max_new_tokens}"
+        f"--layers {' '.join(map(str, args.layers))} --prompts-per-task {ev.prompts_per_task} --max-new-tokens {ev.max_new_tokens}"
         + (f" --drafts {' '.join(args.drafts)}" if args.drafts else "")
         + "`",
     ]
