@@ -137,6 +137,16 @@ def test_pt_with_a_trimmed_head_counted_on_cp_data_depends_on_cp_data(tmp_path):
     assert build_stage("cp", load_config("cpu_default", base)).inputs == ("prepare/cp", "pt")
 
 
+def test_on_policy_rows_need_target_scores_and_a_soft_ft_loss(tmp_path):
+    base = [f"storage={tmp_path}", "generate.onpolicy_fraction=0.5"]
+    with pytest.raises(PipelineError, match="generate.topk_logprobs > 0 .* stages.ft.train.kd_loss=kl"):
+        build_stage("generate", load_config("cpu_default", base))
+    with pytest.raises(PipelineError, match=r"now ce\)"):
+        build_stage("generate", load_config("cpu_default", [*base, "generate.topk_logprobs=8"]))
+    ok = load_config("cpu_default", [*base, "generate.topk_logprobs=8", "stages.ft.train.kd_loss=ce_kl"])
+    assert build_stage("generate", ok).inputs == ("cp",)  # the CP draft writes the on-policy rows
+
+
 def test_a_finished_search_gives_pt_its_best_shape(tmp_path):
     from fastdraft_ray.pipeline.stages import with_searched_draft
     from fastdraft_ray.search.space import Architecture

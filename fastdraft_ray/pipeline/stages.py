@@ -292,6 +292,13 @@ def _generate(cfg: RunConfig) -> Stage:
     out = kd.root
     settings = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": section_settings(g, "generate")}
     inputs: tuple[str, ...] = ()
+    ft_loss = stage_config(cfg, "ft").train.kd_loss
+    if g.onpolicy_fraction > 0 and (g.topk_logprobs <= 0 or ft_loss == "ce"):
+        raise PipelineError(
+            f"generate.onpolicy_fraction={g.onpolicy_fraction}: on-policy rows are learned from the target's scores "
+            f"only (no CE on draft-written tokens), so set generate.topk_logprobs > 0 (now {g.topk_logprobs}) and a "
+            f"soft FT loss, e.g. stages.ft.train.kd_loss=kl or ce_kl (now {ft_loss})"
+        )
     if g.onpolicy_fraction > 0:  # on-policy rows are written by a draft
         if g.onpolicy_draft:
             weights = Path(g.onpolicy_draft, "model.safetensors")
