@@ -143,9 +143,21 @@ def kd_loss(
     return alpha * terms["ce"] + (1.0 - alpha) * terms["soft"]
 
 
+def trim_right_padding(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Decoded FT rows cut after the batch's last loss position: the right padding of fixed-width rows is dead
+    compute (a causal model's earlier positions never see it), so the loss is unchanged and the step cheaper."""
+    used = parts["mask"].any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return {
+        name: t if t.dim() < 2 else t[:, : width + 1] if name == "ids" else t[:, :width]
+        for name, t in parts.items()
+    }
+
+
 def ft_loss(model: torch.nn.Module, rows: torch.Tensor, layout, kind: str, alpha: float = 0.5) -> torch.Tensor:
-    """The FT loss of a causal LM (or DeepSpeed engine) on fixed-width FT rows (:mod:`~.kd_rows`)."""
-    parts = layout.decode(rows)
+    """The FT loss of a causal LM (or DeepSpeed engine) on fixed-width FT rows (:mod:`~.kd_rows`), computed on
+    the batch's used width only (``trim_right_padding``)."""
+    parts = trim_right_padding(layout.decode(rows))
     ids = parts["ids"]
     logits, targets, topk_ids = draft_logits(model, ids[:, :-1], ids[:, 1:], parts.get("topk_ids"))
     return kd_loss(
@@ -203,7 +215,7 @@ def online_kd_loss(
         inputs, targets = split_row_batch(rows)
         mask, hard = torch.ones_like(targets), None
     else:
-        parts = layout.decode(rows)
+        parts = trim_right_padding(layout.decode(rows))
         inputs, targets, mask, hard = parts["ids"][:, :-1], parts["ids"][:, 1:], parts["mask"], parts["hard"]
     head = trimmed_head(model)
     topk_ids, topk_logprobs = teacher_topk(teacher, inputs, None if head is None else head.kept_ids, k)

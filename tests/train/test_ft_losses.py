@@ -139,3 +139,43 @@ def test_ft_loss_on_a_model_ignores_the_prompt_tokens_as_targets():
         logits = model(input_ids=torch.tensor([[1, 5, 6, 7, 30, 31]])).logits[0]
     want = F.cross_entropy(logits[3:6], torch.tensor([30, 31, 2]))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["ce", "ce_kl"])
+def test_trimming_the_right_padding_leaves_the_ft_loss_unchanged(kind):
+    from transformers import LlamaForCausalLM
+
+    from fastdraft_ray.train.losses import draft_logits, ft_loss, trim_right_padding
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("llama")).eval()
+    layout = RowLayout(seq_len=24, topk=3)
+    g = np.random.default_rng(0)
+
+    def example(n_prompt, n_resp):
+        tid = g.integers(3, 96, (n_resp, 3)).astype(np.int32)
+        tlp = np.log(g.dirichlet(np.ones(3), n_resp)).astype(np.float32)
+        prompt, resp = g.integers(3, 96, n_prompt).tolist(), g.integers(3, 96, n_resp).tolist()
+        return layout.encode(prompt, resp, pad_id=0, topk_ids=tid, topk_logprobs=tlp)
+
+    rows = torch.from_numpy(np.stack([example(4, 3), example(6, 5), example(2, 2)]))
+    parts = layout.decode(rows)
+    trimmed = trim_right_padding(parts)
+    # the longest example has 6 + 5 ids; its last target position is 9 (it predicts id 10)
+    assert trimmed["ids"].shape == (3, 11) and trimmed["mask"].shape == (3, 10)
+    assert trimmed["topk_ids"].shape == (3, 10, 3) and trimmed["hard"].shape == (3,)
+    with torch.no_grad():
+        got = ft_loss(model, rows, layout, kind)
+        ids = parts["ids"]
+        logits, targets, topk_ids = draft_logits(model, ids[:, :-1], ids[:, 1:], parts["topk_ids"])
+        full = kd_loss(
+            logits,
+            targets,
+            parts["mask"],
+            kind,
+            hard=parts["hard"],
+            topk_ids=topk_ids,
+            topk_logprobs=parts["topk_logprobs"],
+        )
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
