@@ -182,7 +182,9 @@ class GenerateConfig:
     onpolicy_fraction: float = doc(
         0.0, "On-policy share (DistillSpec): prompts answered by the draft and scored by the target."
     )
-    onpolicy_draft: str = doc("", "Draft that writes the on-policy responses; empty = <run_dir>/cp/export.")
+    onpolicy_draft: str = doc(
+        "", "Draft that writes the on-policy responses; empty = the draft FT starts from (<run_dir>/cp/export)."
+    )
 
 
 PRECISION_CHOICES = Literal["", "fp32", "bf16", "fp16", "int8"]
@@ -357,7 +359,7 @@ class PipelineConfig:
 
     stages: list = doc(
         ["prepare", "pt", "cp", "generate", "ft", "evaluate"],
-        "Stages to run (always in the order prepare, search, pt, cp, generate, ft, evaluate; search is opt-in and PT then trains its best shape); finished ones are skipped.",
+        "Stages to run (always in the order prepare, search, pt, cp, generate, ft, evaluate; search is opt-in and PT then trains its best shape; without cp, FT starts from PT); finished ones are skipped.",
     )
     evaluate_drafts: list = doc(
         ["pt", "cp", "ft"],

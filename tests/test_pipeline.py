@@ -137,6 +137,20 @@ def test_pt_with_a_trimmed_head_counted_on_cp_data_depends_on_cp_data(tmp_path):
     assert build_stage("cp", load_config("cpu_default", base)).inputs == ("prepare/cp", "pt")
 
 
+def test_without_cp_ft_starts_from_pt(tmp_path):
+    from fastdraft_ray.train.run import init_source
+
+    base = [f"storage={tmp_path}", "generate.onpolicy_fraction=0.5", "generate.topk_logprobs=8"]
+    base += ["stages.ft.train.kd_loss=kl"]
+    full = load_config("cpu_default", base)
+    assert build_stage("ft", full).inputs == ("generate", "cp") and init_source(full, "ft").endswith("cp/export")
+    no_cp = load_config("cpu_default", [*base, "pipeline.stages=[prepare, pt, generate, ft, evaluate]"])
+    assert build_stage("ft", no_cp).inputs == ("generate", "pt") and init_source(no_cp, "ft").endswith("pt/export")
+    assert build_stage("generate", no_cp).inputs == ("pt",)  # the on-policy rows' writer is FT's starting draft
+    only_ft = load_config("cpu_default", [*base, "pipeline.stages=[ft]"])  # re-running FT alone: still from CP
+    assert build_stage("ft", only_ft).inputs == ("generate", "cp")
+
+
 def test_on_policy_rows_need_target_scores_and_a_soft_ft_loss(tmp_path):
     base = [f"storage={tmp_path}", "generate.onpolicy_fraction=0.5"]
     with pytest.raises(PipelineError, match="generate.topk_logprobs > 0 .* stages.ft.train.kd_loss=kl"):

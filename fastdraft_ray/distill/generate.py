@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from fastdraft_ray.config import RunConfig, to_dict
 from fastdraft_ray.distill.actor import GenerateActor, write_atomic
 from fastdraft_ray.layout import KDLayout, RunLayout
+from fastdraft_ray.train.run import upstream_stage
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def run_generation(cfg: RunConfig, *, max_units: int | None = None) -> dict:
     log.info("KD data: %d prompts, %d units, %d pending", prompts.num_rows, len(units), len(pending))
     draft = None
     if any(u["writer"] == "draft" for u in pending):
-        draft = g.onpolicy_draft or str(layout.stage("cp").export)
+        draft = g.onpolicy_draft or str(layout.stage(upstream_stage(cfg, "ft")).export)  # FT's starting draft
         if not Path(draft, "config.json").exists():
             raise ValueError(
                 f"on-policy generation needs a draft; {draft} is not an HF folder (set generate.onpolicy_draft)"

@@ -34,7 +34,7 @@ from fastdraft_ray.config import (
     training_settings,
 )
 from fastdraft_ray.layout import RunLayout, done_file
-from fastdraft_ray.train.run import UPSTREAM_DRAFT, init_source
+from fastdraft_ray.train.run import UPSTREAM_DRAFT, init_source, upstream_stage
 
 ORDER = ("prepare/pt", "prepare/cp", "search", "pt", "cp", "generate", "ft", "evaluate")
 GROUPS = {
@@ -190,8 +190,8 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         if not weights.exists():
             raise PipelineError(f"draft.init_from={init_from}: no model.safetensors there (an HF draft folder?)")
         settings["init_sha256"] = sha256_file(weights)
-    elif UPSTREAM_DRAFT[stage]:
-        inputs += (UPSTREAM_DRAFT[stage],)
+    elif upstream_stage(scfg, stage):
+        inputs += (upstream_stage(scfg, stage),)
     else:  # a fresh draft's trimmed head counts tokens on prepared data (e.g. data/pt,data/cp): re-run with it
         inputs += tuple(f"prepare/{name}" for name in _counted_data(scfg) if f"prepare/{name}" not in inputs)
 
@@ -306,7 +306,7 @@ def _generate(cfg: RunConfig) -> Stage:
                 raise PipelineError(f"generate.onpolicy_draft={g.onpolicy_draft}: no model.safetensors there")
             settings["onpolicy_draft_sha256"] = sha256_file(weights)
         else:
-            inputs = ("cp",)
+            inputs = (upstream_stage(cfg, "ft"),)
 
     def run() -> dict:
         from fastdraft_ray.distill.generate import run_generation

@@ -31,12 +31,21 @@ log = logging.getLogger(__name__)
 UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
 
 
+def upstream_stage(cfg: RunConfig, stage: str) -> str | None:
+    """The training stage whose export ``stage`` starts from: the nearest earlier training stage that
+    ``pipeline.stages`` runs (so FT starts from PT when the pipeline leaves CP out), else ``UPSTREAM_DRAFT``'s
+    (CP from PT, FT from CP); None for PT (a fresh draft derived from the target)."""
+    chain = list(UPSTREAM_DRAFT)
+    earlier = [s for s in chain[: chain.index(stage)] if s in cfg.pipeline.stages]
+    return earlier[-1] if earlier else UPSTREAM_DRAFT[stage]
+
+
 def init_source(cfg: RunConfig, stage: str) -> str | None:
-    """The HF draft folder a training stage starts from: ``draft.init_from``, else the upstream stage's export
-    (CP from PT, FT from CP), else None (PT: a fresh draft derived from the target)."""
+    """The HF draft folder a training stage starts from: ``draft.init_from``, else the export of its
+    ``upstream_stage``, else None (PT: a fresh draft derived from the target)."""
     if cfg.draft.init_from:
         return cfg.draft.init_from
-    upstream = UPSTREAM_DRAFT[stage]
+    upstream = upstream_stage(cfg, stage)
     return str(RunLayout.of(cfg).stage(upstream).export) if upstream else None
 
 
