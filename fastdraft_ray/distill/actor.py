@@ -29,9 +29,11 @@ class GenerateActor:
         self.model, self.tokenizer = load_target(target, dtype=dtype, device=device)
         self.draft = None
         if draft:
-            from transformers import AutoModelForCausalLM
+            from fastdraft_ray.models.draft import (
+                load_draft,
+            )  # trimmed-head drafts: the locally registered classes
 
-            self.draft = AutoModelForCausalLM.from_pretrained(draft, dtype=self.model.dtype).to(device).eval()
+            self.draft = load_draft(draft, dtype=self.model.dtype).to(device)
         self.gen = GenerateConfig(**gen)
         self.pad, self.eos = pad_token_id(self.tokenizer), stop_token_ids(self.tokenizer, self.model)
 

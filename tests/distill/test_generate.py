@@ -173,15 +173,17 @@ def test_on_policy_rows_are_written_by_the_draft_and_scored_by_the_target(tmp_pa
     from fastdraft_ray.distill.ftdata import build_ft_rows
     from fastdraft_ray.distill.generate import run_generation
     from fastdraft_ray.layout import RunLayout
+    from fastdraft_ray.models.draft import save_draft
     from fastdraft_ray.models.target import load_tokenizer
+    from fastdraft_ray.models.vocab import trim_draft
     from fastdraft_ray.train.kd_rows import RowLayout
     from tests.conftest import tiny_config
 
     torch.manual_seed(3)
-    draft_dir = tmp_path / "draft"
-    LlamaForCausalLM(tiny_config("llama", num_hidden_layers=1)).save_pretrained(draft_dir)
+    draft_dir = tmp_path / "draft"  # a trimmed-head draft, as the default recipe trains (custom classes)
     tok = load_tokenizer(str(tiny_target))
-    tok.save_pretrained(draft_dir)
+    draft = trim_draft(LlamaForCausalLM(tiny_config("llama", num_hidden_layers=1)), torch.arange(2, 60))
+    save_draft(draft, tok, draft_dir)
     prompts = write_alpaca(tmp_path / "a.json", 40)
     with pytest.raises(ValueError, match="topk_logprobs"):
         run_generation(gen_config(tiny_target, tmp_path / "x", prompts, onpolicy_fraction=0.5))
