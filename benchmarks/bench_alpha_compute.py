@@ -140,8 +140,8 @@ def main() -> None:
         lines.append(
             f"| {p['run']} | {p['draft']} | {p['minutes']:.1f} | {fmt(p['proxy_acceptance'])} | {fmt(p['proxy_top1'])} "
             f"| {fmt(p.get('sampling_alpha_per_token'))} | {fmt(p.get('greedy_alpha_per_token'))} "
-            f"| {fmt(p.get('sampling_speedup'), 2)} ({p.get('sampling_gamma', '—')}) "
-            f"| {fmt(p.get('greedy_speedup'), 2)} ({p.get('greedy_gamma', '—')}) |"
+            f"| {fmt(p.get('sampling_speedup'), 2)} ({p.get('sampling_gamma') or '—'}) "
+            f"| {fmt(p.get('greedy_speedup'), 2)} ({p.get('greedy_gamma') or '—'}) |"
         )
     if clock is not None:
         lines += ["", f"Stage drafts are placed at the stage wall times of `{args.clock}` (same budgets)."]

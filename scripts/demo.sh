@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default (real target, real data, CPU):
 # creates .venv, starts a local Ray head with token authentication unless one is running, then submits ONE Ray job
-# with `ray job submit` and follows its logs: jobs/pipeline.py runs prepare -> PT -> CP -> generate KD data -> FT ->
-# evaluate -> report. FASTDRAFT_RECIPE=cpu_quick gives a first look (~9-25 min, see README). Extra arguments are config
-# overrides (key.sub=value). Every stage skips work already done with the same settings, so a re-run resumes.
+# with `ray job submit` and follows its logs: jobs/pipeline.py runs prepare -> PT -> generate KD data -> FT ->
+# evaluate -> report (CP too when pipeline.stages lists it). FASTDRAFT_RECIPE=cpu_quick gives a first look (~9-25 min,
+# see README). Extra arguments are config overrides (key.sub=value). Every stage skips work already done with the
+# same settings, so a re-run resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -138,21 +138,28 @@ def test_pt_with_a_trimmed_head_counted_on_cp_data_depends_on_cp_data(tmp_path):
 
 
 def test_without_cp_ft_starts_from_pt(tmp_path):
+    from fastdraft_ray.pipeline.report import stage_labels
     from fastdraft_ray.train.run import init_source
 
     base = [f"storage={tmp_path}", "generate.onpolicy_fraction=0.5", "generate.topk_logprobs=8"]
     base += ["stages.ft.train.kd_loss=kl"]
-    full = load_config("cpu_default", base)
+    full = load_config("cpu_default", [*base, "pipeline.stages=[prepare, pt, cp, generate, ft, evaluate]"])
     assert build_stage("ft", full).inputs == ("generate", "cp") and init_source(full, "ft").endswith("cp/export")
     no_cp = load_config("cpu_default", [*base, "pipeline.stages=[prepare, pt, generate, ft, evaluate]"])
     assert build_stage("ft", no_cp).inputs == ("generate", "pt") and init_source(no_cp, "ft").endswith("pt/export")
     assert build_stage("generate", no_cp).inputs == ("pt",)  # the on-policy rows' writer is FT's starting draft
     only_ft = load_config("cpu_default", [*base, "pipeline.stages=[ft]"])  # re-running FT alone: still from CP
     assert build_stage("ft", only_ft).inputs == ("generate", "cp")
+    # the report names each draft by the stages it went through
+    assert stage_labels(no_cp)["ft"] == "PT→FT" and stage_labels(full)["ft"] == "PT→CP→FT"
 
 
 def test_on_policy_rows_need_target_scores_and_a_soft_ft_loss(tmp_path):
-    base = [f"storage={tmp_path}", "generate.onpolicy_fraction=0.5"]
+    base = [
+        f"storage={tmp_path}",
+        "generate.onpolicy_fraction=0.5",
+        "pipeline.stages=[prepare, pt, cp, generate, ft]",
+    ]
     with pytest.raises(PipelineError, match="generate.topk_logprobs > 0 .* stages.ft.train.kd_loss=kl"):
         build_stage("generate", load_config("cpu_default", base))
     with pytest.raises(PipelineError, match=r"now ce\)"):

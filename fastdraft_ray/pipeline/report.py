@@ -1,7 +1,7 @@
 """The pipeline's final report in ``<run_dir>/report/``: the paper's main table for this run, side by side with
 the paper's published numbers.
 
-- ``report.md``     the draft after each stage (PT, PT->CP, PT->CP->FT) x the four task families: acceptance rate α
+- ``report.md``     the draft after each evaluated stage (PT, PT->FT, or PT->CP->FT with CP) x the four task families: acceptance rate α
                     at the evaluation protocol (paper: γ = 3, T = 0.6), then block efficiency τ, MBSU and wall-clock
                     speedup over the target alone; greedy α and the lossless check; what each stage did.
 - ``results.csv``   one row per (draft, mode, task) with those metrics, plus the paper's rows (``source=paper``).
@@ -24,8 +24,8 @@ from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT, PaperResult
 from fastdraft_ray.evaluate.report import baselines_table, interval_table
 from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
 from fastdraft_ray.pipeline.stages import LABELS
+from fastdraft_ray.train.run import upstream_stage
 
-STAGE_LABELS = {"pt": "PT", "cp": "PT→CP", "ft": "PT→CP→FT"}
 METRICS = (
     ("acceptance_rate", "Acceptance rate α", "{:.3f}"),
     ("block_efficiency", "Block efficiency τ (tokens per target forward)", "{:.2f}"),
@@ -63,8 +63,14 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
-def _label(draft: str) -> str:
-    return STAGE_LABELS.get(draft, draft)
+def stage_labels(cfg: RunConfig) -> dict[str, str]:
+    """Each training stage's draft named by the stages it went through in this run ("PT→FT" when the pipeline
+    leaves CP out, "PT→CP→FT" when it runs it)."""
+    labels: dict[str, str] = {}
+    for stage in TRAINING_STAGES:
+        upstream = upstream_stage(cfg, stage)
+        labels[stage] = f"{labels[upstream]}→{stage.upper()}" if upstream else stage.upper()
+    return labels
 
 
 def _row(results: EvalResults, draft: str, mode: str, task: str) -> dict | None:
@@ -78,7 +84,12 @@ def main_mode(results: EvalResults) -> str:
 
 
 def metric_table(
-    results: EvalResults, mode: str, metric: str, fmt: str, paper: PaperResult | None = None
+    results: EvalResults,
+    labels: dict[str, str],
+    mode: str,
+    metric: str,
+    fmt: str,
+    paper: PaperResult | None = None,
 ) -> list[str]:
     """Markdown lines: rows = drafts (stage order), columns = tasks + ``all``; the paper's row last, if given."""
     tasks = [*results.tasks, ALL]
@@ -88,7 +99,7 @@ def metric_table(
         for task in tasks:
             row = _row(results, info.name, mode, task)
             cells.append("—" if row is None or row[metric] is None else fmt.format(row[metric]))
-        lines.append(f"| {_label(info.name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(info.name, info.name)} | " + " | ".join(cells) + " |")
     if paper is not None:
         values = [paper.acceptance_rate.get(t) for t in tasks]
         cells = ["—" if v is None else fmt.format(v) for v in values]
@@ -96,12 +107,12 @@ def metric_table(
     return lines
 
 
-def _protocol_note(results: EvalResults, mode: str, paper: PaperResult) -> str:
+def _protocol_note(results: EvalResults, labels: dict[str, str], mode: str, paper: PaperResult) -> str:
     s = results.settings
     selected = s.get("selected_gamma") or {}
     if selected:
         chosen = "; ".join(
-            f"{_label(d)} " + ", ".join(f"{m} γ = {g}" for m, g in by_mode.items())
+            f"{labels.get(d, d)} " + ", ".join(f"{m} γ = {g}" for m, g in by_mode.items())
             for d, by_mode in selected.items()
         )
         return (
@@ -142,16 +153,17 @@ def _stages_table(outcomes, records: dict) -> list[str]:
 
 
 def _markdown(cfg: RunConfig, results: EvalResults, outcomes, records: dict, paper: PaperResult) -> str:
-    mode, s = main_mode(results), results.settings
+    mode, s, labels = main_mode(results), results.settings, stage_labels(cfg)
     drafts = ", ".join(
-        f"{_label(d.name)} `{d.path}` ({_params(d.params)} params, c = {d.c_params:.3f})" for d in results.drafts
+        f"{labels.get(d.name, d.name)} `{d.path}` ({_params(d.params)} params, c = {d.c_params:.3f})"
+        for d in results.drafts
     )
     parts = [
         f"# FastDraft pipeline report: `{cfg.run_name}`",
         "",
         f"Target `{results.target}`. Drafts: {drafts}. {s['prompts_per_task']} held-out prompts per task "
         f"({s['source']} sources), up to {s['max_new_tokens']} new tokens; evaluation wall time "
-        f"{results.wall_time_s / 60:.1f} min. {_protocol_note(results, mode, paper)}",
+        f"{results.wall_time_s / 60:.1f} min. {_protocol_note(results, labels, mode, paper)}",
         "",
         f"Paper row: {paper.citation} — draft {paper.draft}. Its target is {paper.target} (3.8B); this run's "
         f"target is `{results.target}`, so the row shows what the method reached at scale, not a like-for-like "
@@ -159,16 +171,16 @@ def _markdown(cfg: RunConfig, results: EvalResults, outcomes, records: dict, pap
     ]
     for metric, title, fmt in METRICS:
         parts += ["", f"## {title} ({mode})", ""]
-        parts += metric_table(results, mode, metric, fmt, paper if metric == "acceptance_rate" else None)
+        parts += metric_table(results, labels, mode, metric, fmt, paper if metric == "acceptance_rate" else None)
     if mode != "greedy" and "greedy" in s["modes"]:
         parts += [
             "",
             "## Greedy decoding: acceptance rate α (output identical to the target's: lossless check)",
             "",
         ]
-        parts += metric_table(results, "greedy", "acceptance_rate", "{:.3f}")
+        parts += metric_table(results, labels, "greedy", "acceptance_rate", "{:.3f}")
         same = [
-            f"{_label(d.name)} {r['matches_target']:.0%}"
+            f"{labels.get(d.name, d.name)} {r['matches_target']:.0%}"
             for d in results.drafts
             if (r := _row(results, d.name, "greedy", ALL)) is not None and r["matches_target"] is not None
         ]
@@ -189,11 +201,11 @@ def _markdown(cfg: RunConfig, results: EvalResults, outcomes, records: dict, pap
     return "\n".join(parts) + "\n"
 
 
-def _csv_rows(results: EvalResults, paper: PaperResult) -> list[dict]:
+def _csv_rows(results: EvalResults, labels: dict[str, str], paper: PaperResult) -> list[dict]:
     rows = [
         {
             "source": "this run",
-            "draft": _label(r["draft"]),
+            "draft": labels.get(r["draft"], r["draft"]),
             "stage": r["draft"],
             **{k: r.get(k) for k in CSV_FIELDS if k in r and k not in ("draft",)},
             "target": results.target,
@@ -215,7 +227,9 @@ def _csv_rows(results: EvalResults, paper: PaperResult) -> list[dict]:
     return rows
 
 
-def plot_acceptance(results: EvalResults, mode: str, paper: PaperResult, path: Path) -> Path:
+def plot_acceptance(
+    results: EvalResults, labels: dict[str, str], mode: str, paper: PaperResult, path: Path
+) -> Path:
     """Grouped bars: α per task for each stage's draft, and the paper's (hatched)."""
     import matplotlib
 
@@ -224,7 +238,11 @@ def plot_acceptance(results: EvalResults, mode: str, paper: PaperResult, path: P
 
     tasks = list(results.tasks)
     series = [
-        (_label(d.name), [(_row(results, d.name, mode, t) or {}).get("acceptance_rate") or 0.0 for t in tasks], {})
+        (
+            labels.get(d.name, d.name),
+            [(_row(results, d.name, mode, t) or {}).get("acceptance_rate") or 0.0 for t in tasks],
+            {},
+        )
         for d in results.drafts
     ]
     series.append(
@@ -253,7 +271,7 @@ def plot_acceptance(results: EvalResults, mode: str, paper: PaperResult, path: P
     return path
 
 
-def console_summary(results: EvalResults, paper: PaperResult) -> str:
+def console_summary(results: EvalResults, labels: dict[str, str], paper: PaperResult) -> str:
     """A few lines for the job log: α per task per stage, the paper's row, and pooled τ / MBSU / speedup."""
     mode, tasks = main_mode(results), list(results.tasks)
     head = f"{'draft':<12}" + "".join(f"{t[:13]:>14}" for t in tasks) + "   all: α / τ / MBSU / speedup"
@@ -264,7 +282,7 @@ def console_summary(results: EvalResults, paper: PaperResult) -> str:
         )
         pooled = _row(results, d.name, mode, ALL) or {}
         lines.append(
-            f"{_label(d.name):<12}{cells}   {pooled.get('acceptance_rate', 0):.3f} / "
+            f"{labels.get(d.name, d.name):<12}{cells}   {pooled.get('acceptance_rate', 0):.3f} / "
             f"{pooled.get('block_efficiency', 0):.2f} / {pooled.get('mbsu', 0):.2f} / {pooled.get('speedup', 0):.2f}x"
         )
     cells = "".join(
@@ -282,15 +300,15 @@ def write_pipeline_report(
     out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(layout)
-    mode = main_mode(results)
+    mode, labels = main_mode(results), stage_labels(cfg)
     (out / "report.md").write_text(_markdown(cfg, results, outcomes, records, paper))
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(_csv_rows(results, paper))
-    plot_acceptance(results, mode, paper, out / "acceptance.png")
+        writer.writerows(_csv_rows(results, labels, paper))
+    plot_acceptance(results, labels, mode, paper, out / "acceptance.png")
     if any(layout.stage(s).tensorboard.exists() for s in TRAINING_STAGES):
         from fastdraft_ray.train.curves import plot_loss_curves
 
         plot_loss_curves(layout, out / "loss_curve.png")
-    return str(out / "report.md"), console_summary(results, paper)
+    return str(out / "report.md"), console_summary(results, labels, paper)

@@ -11,7 +11,7 @@ from tests.evaluate.test_harness import FAST, prompts, tiny_pair, tokenizer  # n
 def test_int8_cost_policy_records_precision_costs_and_stays_lossless(tiny_pair, prompts):  # noqa: F811
     target, draft = tiny_pair
     cfg = EvaluateConfig(**{**FAST, "max_new_tokens": 30}, modes=["greedy"], precision="int8", gamma_policy="cost")
-    res = evaluate(ModelConfig(target=target), [draft, target], cfg, prompts=prompts)
+    res = evaluate(ModelConfig(target=target), [draft], cfg, prompts=prompts)
     assert res.settings["precision"] == res.settings["draft_precision"] == "int8"
     assert res.settings["gamma_policy"] == "cost"
     for info in res.drafts:
@@ -23,9 +23,6 @@ def test_int8_cost_policy_records_precision_costs_and_stays_lossless(tiny_pair, 
     # the random draft (alpha ~0) is switched off after a few warm-up steps: most steps are plain target steps
     assert rows[("draft", ALL)]["plain_steps"] > rows[("draft", ALL)]["steps"] / 2
     assert 0 <= rows[("draft", ALL)]["mean_gamma"] < 1
-    # the target as its own draft costs c ~1 step per token: it can never pay, so it is switched off as well
-    assert res.drafts[1].draft_step_s / res.drafts[1].target_step_s > 0.5
-    assert rows[("target", ALL)]["mean_gamma"] < 1
 
 
 def test_known_prior_alpha_keeps_the_cost_policy_off(tiny_pair, prompts):  # noqa: F811
