@@ -1,9 +1,10 @@
 """The pipeline's final report in ``<run_dir>/report/``: the paper's main table for this run, side by side with
 the paper's published numbers.
 
-- ``report.md``     the draft after each evaluated stage (PT, PT->FT, or PT->CP->FT with CP) x the four task families: acceptance rate α
-                    at the evaluation protocol (paper: γ = 3, T = 0.6), then block efficiency τ, MBSU and wall-clock
-                    speedup over the target alone; greedy α and the lossless check; what each stage did.
+- ``report.md``     the draft after each evaluated stage (PT, PT->FT; PT->CP->FT when the run has CP) x the four
+                    task families: acceptance rate α at the evaluation protocol (paper: γ = 3, T = 0.6), then block
+                    efficiency τ, MBSU and wall-clock speedup over the target alone; greedy α and the lossless check;
+                    what each stage did.
 - ``results.csv``   one row per (draft, mode, task) with those metrics, plus the paper's rows (``source=paper``).
 - ``acceptance.png`` α per task per stage next to the paper's.
 - ``loss_curve.png`` train/val loss of PT, CP and FT on one tokens axis.
@@ -152,8 +153,10 @@ def _stages_table(outcomes, records: dict) -> list[str]:
     return lines
 
 
-def _markdown(cfg: RunConfig, results: EvalResults, outcomes, records: dict, paper: PaperResult) -> str:
-    mode, s, labels = main_mode(results), results.settings, stage_labels(cfg)
+def _markdown(
+    cfg: RunConfig, results: EvalResults, labels: dict[str, str], outcomes, records: dict, paper: PaperResult
+) -> str:
+    mode, s = main_mode(results), results.settings
     drafts = ", ".join(
         f"{labels.get(d.name, d.name)} `{d.path}` ({_params(d.params)} params, c = {d.c_params:.3f})"
         for d in results.drafts
@@ -301,7 +304,7 @@ def write_pipeline_report(
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(layout)
     mode, labels = main_mode(results), stage_labels(cfg)
-    (out / "report.md").write_text(_markdown(cfg, results, outcomes, records, paper))
+    (out / "report.md").write_text(_markdown(cfg, results, labels, outcomes, records, paper))
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
