@@ -60,12 +60,26 @@ def _overrides(tmp_path: Path, data: Path) -> list[str]:
 
 def _measured_trials(tune_dir: Path) -> list[str]:
     """Trial folders of the Tune experiment whose last result holds the measured speedup."""
-    done = []
-    for result in tune_dir.glob("run_trial_*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if any("search/measured_speedup" in r for r in lines):
-            done.append(result.parent.name)
-    return done
+    return [
+        t.name for t in tune_dir.glob("run_trial_*") if any("search/measured_speedup" in r for r in _results(t))
+    ]
+
+
+def _trial_folders(tune_dir: Path) -> dict[str, list[Path]]:
+    """Tune's trial folders by trial id, oldest first. Tune snapshots its experiment at most every 10 s, so a trial
+    that started in the last seconds before the stop is started again after the restore in a new folder (a new
+    timestamp): the same trial id, and the same training run directory, which resumes from its checkpoint."""
+    folders: dict[str, list[Path]] = {}
+    for folder in sorted(tune_dir.glob("run_trial_*")):  # a trial's folders differ only in their closing timestamp
+        folders.setdefault("_".join(folder.name.split("_")[2:4]), []).append(folder)  # run_trial_<exp>_<index>_…
+    return folders
+
+
+def _results(trial_folder: Path) -> list[dict]:
+    result = trial_folder / "result.json"
+    return (
+        [json.loads(line) for line in result.read_text().splitlines() if line.strip()] if result.exists() else []
+    )
 
 
 def _scalar_tags(tb_dir: Path) -> set[str]:
@@ -109,11 +123,12 @@ def test_stopped_search_job_resumes_and_keeps_every_trial(tmp_path, job_client):
 
     import pandas as pd
 
-    table = pd.read_csv(search / "results.csv")
+    table = pd.read_csv(search / "results.csv", dtype={"trial_id": str})
     assert len(table) == 3 and set(table["status"]) <= {"measured", "stopped"}, table
     assert table["train/proxy_acceptance"].notna().all() and table["search/draft_step_ms"].notna().all()
-    trials = sorted(search.glob("tune/run_trial_*"))
-    assert len(trials) == 3 and all(list(t.glob("events.out.tfevents.*")) for t in trials)
+    assert set(_trial_folders(search / "tune")) == set(table["trial_id"]), table
+    for folders in _trial_folders(search / "tune").values():  # the newest folder is the one that finished
+        assert list(folders[-1].glob("events.out.tfevents.*")) and _results(folders[-1]), folders
     stages = sorted(search.glob("trials/*/pt/tb"))
     assert len(stages) == 3 and all("train/proxy_acceptance" in _scalar_tags(tb) for tb in stages)
     assert all("train/predicted_speedup" in _scalar_tags(tb) for tb in stages)
