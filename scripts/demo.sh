@@ -58,4 +58,6 @@ submit_pipeline() {  # submit the pipeline job and follow it; fail the script if
 started=$SECONDS
 submit_pipeline
 echo "run directory: $RUN_DIR ($(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s)"
-echo "report: $RUN_DIR/report/report.md (+ results.csv, acceptance.png, loss_curve.png); full evaluation: $RUN_DIR/eval/results.md"
+if [ -f "$RUN_DIR/report/report.md" ]; then
+  echo "report: $RUN_DIR/report/report.md (+ results.csv, acceptance.png, loss_curve.png); full evaluation: $RUN_DIR/eval/results.md"
+fi
