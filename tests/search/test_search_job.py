@@ -70,7 +70,7 @@ def _trial_folders(tune_dir: Path) -> dict[str, list[Path]]:
     that started in the last seconds before the stop is started again after the restore in a new folder (a new
     timestamp): the same trial id, and the same training run directory, which resumes from its checkpoint."""
     folders: dict[str, list[Path]] = {}
-    for folder in sorted(tune_dir.glob("run_trial_*")):  # a trial's folders differ only in their closing timestamp
+    for folder in sorted(tune_dir.glob("run_trial_*"), key=lambda f: f.name[-19:]):  # …_<YYYY-MM-DD_HH-MM-SS>
         folders.setdefault("_".join(folder.name.split("_")[2:4]), []).append(folder)  # run_trial_<exp>_<index>_…
     return folders
 
