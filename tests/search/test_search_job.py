@@ -59,7 +59,7 @@ def _overrides(tmp_path: Path, data: Path) -> list[str]:
 
 
 def _measured_trials(tune_dir: Path) -> list[str]:
-    """Trial folders of the Tune experiment whose last result holds the measured speedup."""
+    """Trial folders of the Tune experiment with a result that holds the measured speedup."""
     return [
         t.name for t in tune_dir.glob("run_trial_*") if any("search/measured_speedup" in r for r in _results(t))
     ]
@@ -126,8 +126,9 @@ def test_stopped_search_job_resumes_and_keeps_every_trial(tmp_path, job_client):
     table = pd.read_csv(search / "results.csv", dtype={"trial_id": str})
     assert len(table) == 3 and set(table["status"]) <= {"measured", "stopped"}, table
     assert table["train/proxy_acceptance"].notna().all() and table["search/draft_step_ms"].notna().all()
-    assert set(_trial_folders(search / "tune")) == set(table["trial_id"]), table
-    for folders in _trial_folders(search / "tune").values():  # the newest folder is the one that finished
+    trial_folders = _trial_folders(search / "tune")
+    assert set(trial_folders) == set(table["trial_id"]), table
+    for folders in trial_folders.values():  # the newest folder is the one that finished
         assert list(folders[-1].glob("events.out.tfevents.*")) and _results(folders[-1]), folders
     stages = sorted(search.glob("trials/*/pt/tb"))
     assert len(stages) == 3 and all("train/proxy_acceptance" in _scalar_tags(tb) for tb in stages)
