@@ -1,6 +1,6 @@
 """Does the search's winner beat the median trial and the run's default shape? (issue 14's done-when)
 
-    python benchmarks/bench_search_winner.py --config cpu_default storage=/work/runs [key=value ...]
+    python benchmarks/bench_search_winner.py --config cpu_default storage=$PWD/runs [key=value ...]
 
 Reads a finished search (``<run_dir>/search``: results.csv, DONE.json, profile.json) and takes three of its trials:
 the winner, the median of the other trials (by ``search.metric``) and the run's own draft shape

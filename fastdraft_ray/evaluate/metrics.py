@@ -1,6 +1,6 @@
 """What an evaluation produces and how it is aggregated: per-prompt records -> rows per (draft, mode, task).
 
-Per (draft, mode, task), with the definitions of DESIGN.md:
+Per (draft, mode, task), with the definitions of docs/definitions.md:
 
 - ``acceptance_rate`` alpha and ``block_efficiency`` tau (pooled counters over the task's prompts),
 - ``mbsu`` = tau / (gamma * c + 1), c = draft parameter bytes / target parameter bytes,

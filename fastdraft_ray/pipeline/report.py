@@ -196,7 +196,7 @@ def _markdown(
     parts += ["", "## Stages", ""] + _stages_table(outcomes, records)
     parts += [
         "",
-        "Definitions (DESIGN.md): α = accepted / proposed draft tokens; τ = tokens emitted per target forward "
+        "Definitions (docs/definitions.md in the repository): α = accepted / proposed draft tokens; τ = tokens emitted per target forward "
         "(bonus token included); MBSU = τ / (γ·c + 1); wall-clock speedup = target-only time / speculative time on "
         "the same prompts, per emitted token. `all` pools every prompt. Full evaluation: `../eval/results.md`; "
         "loss curves: `loss_curve.png`; α chart: `acceptance.png`; every number: `results.csv`.",

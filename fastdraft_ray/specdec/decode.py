@@ -51,7 +51,7 @@ NEAR_TIE_LOGIT_GAP = 1e-4
 
 @dataclass
 class DecodeStats:
-    """Counters of one (or, after ``merge``, several) generations. Definitions: /work/shared/DESIGN.md."""
+    """Counters of one (or, after ``merge``, several) generations. Definitions: docs/definitions.md."""
 
     proposed: int = 0  # draft tokens proposed (sum over steps)
     accepted: int = 0  # draft tokens accepted by the verification rule

@@ -29,7 +29,7 @@ verdict for the tokens being proposed, so the verification rule stays exact step
 alpha is estimated as decayed counts of the Bernoulli outcomes the verifier observed: every accepted token is a
 success, a step that stopped on a rejection adds one failure (tokens after the first rejection are never
 judged). That is the maximum-likelihood estimate of the i.i.d. acceptance probability that ideal tau assumes,
-which differs from DESIGN.md's acceptance rate accepted / proposed (a full-accept step contributes no failure).
+which differs from the acceptance rate α = accepted / proposed (a full-accept step contributes no failure).
 """
 
 from __future__ import annotations

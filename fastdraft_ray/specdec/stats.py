@@ -1,4 +1,4 @@
-"""Speculative-decoding metrics, exactly as defined in DESIGN.md ("Definitions").
+"""Speculative-decoding metrics, exactly as defined in docs/definitions.md.
 
 - acceptance rate alpha = accepted draft tokens / proposed draft tokens
 - block efficiency tau = tokens emitted per target verify forward (bonus token included);
@@ -88,7 +88,7 @@ def hardware_speedup(
     """tau / (gamma * c + 1) with c = measured draft step / target step latency.
 
     ``verify_step_s`` (optional): measured latency of the (gamma+1)-token verify forward, replacing the "+1"
-    (one target step) in the denominator; on CPUs scoring several tokens is not free (DATA.md), so this is
+    (one target step) in the denominator; on CPUs scoring several tokens is not free (measured: docs/results.md), so this is
     the closer estimate there: tau * target_step / (gamma * draft_step + verify_step).
     """
     if not target_step_s > 0:

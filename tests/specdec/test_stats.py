@@ -1,4 +1,4 @@
-"""Speculative-decoding metrics: formulas from DESIGN.md, edge cases, DecodeStats aggregation, latency probe."""
+"""Speculative-decoding metrics: formulas from docs/definitions.md, edge cases, DecodeStats aggregation, latency probe."""
 
 from __future__ import annotations
 
