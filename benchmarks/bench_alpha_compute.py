@@ -16,27 +16,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import torch  # noqa: E402
+# isort: split
 
-from benchmarks.bench_specdec import machine  # noqa: E402
-from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.evaluate.metrics import ALL, EvalResults  # noqa: E402
-from fastdraft_ray.layout import RunLayout  # noqa: E402
-from fastdraft_ray.models.draft import load_draft  # noqa: E402
-from fastdraft_ray.train.curves import COMPUTE_ORDER, proxy_curve, stage_wall_s  # noqa: E402
-from fastdraft_ray.train.proxy import load_or_build, score_draft  # noqa: E402
+import torch
+
+from fastdraft_ray.config import load_config
+from fastdraft_ray.evaluate.metrics import ALL, EvalResults
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.models.draft import load_draft
+from fastdraft_ray.stage_graph import COMPUTE
+from fastdraft_ray.train.curves import proxy_curve, stage_wall_s
+from fastdraft_ray.train.proxy import load_or_build, score_draft
 
 
 def measured(layout: RunLayout) -> dict[tuple[str, str], dict]:
@@ -62,7 +59,7 @@ def draft_points(layout: RunLayout, proxy, temperature: float, clock: RunLayout 
     if (init / "config.json").exists():
         points.append({"draft": "init", "minutes": 0.0, **score_draft(load_draft(init), proxy, temperature)})
     evaluated = measured(layout)
-    for stage in COMPUTE_ORDER:
+    for stage in COMPUTE:
         spent += stage_wall_s(clock or layout, stage) or 0.0
         export = None if stage == "generate" else layout.stage(stage).export
         if export is None or not (export / "config.json").exists():
@@ -87,9 +84,7 @@ def main() -> None:
         help="label of the run whose stage wall times place every run's drafts (for runs with the same budgets "
         "when another one was timed on a busy machine)",
     )
-    parser.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / f"alpha_compute_{datetime.date.today()}")
-    )
+    parser.add_argument("--out", default=str(harness.result_path("alpha_compute", "")))
     args = parser.parse_args()
     cfg = load_config(args.config, [])
     torch.set_num_threads(os.cpu_count() or 1)
@@ -127,22 +122,24 @@ def main() -> None:
         return "—" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        f"# Acceptance against compute, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"# Acceptance against compute, {harness.now()}",
         "",
         f"Shared proxy set: {len(proxy)} held-out prompts x <= {cfg.train.proxy_tokens} target-written tokens "
-        f"({proxy.positions} positions), T = {temperature}. {machine()}.",
+        f"({proxy.positions} positions), T = {temperature}. {harness.machine()}.",
         "",
-        "| run | draft | wall minutes spent | proxy_acceptance | proxy_top1 | measured α/token sampling | "
-        "measured α/token greedy | speedup sampling (γ) | speedup greedy (γ) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        harness.table(
+            ["run", "draft", "wall minutes spent", "proxy_acceptance", "proxy_top1", "measured α/token sampling"]
+            + ["measured α/token greedy", "speedup sampling (γ)", "speedup greedy (γ)"],
+            [
+                [p["run"], p["draft"], f"{p['minutes']:.1f}", fmt(p["proxy_acceptance"]), fmt(p["proxy_top1"])]
+                + [fmt(p.get("sampling_alpha_per_token")), fmt(p.get("greedy_alpha_per_token"))]
+                + [f"{fmt(p.get('sampling_speedup'), 2)} ({p.get('sampling_gamma') or '—'})"]
+                + [f"{fmt(p.get('greedy_speedup'), 2)} ({p.get('greedy_gamma') or '—'})"]
+                for p in points
+            ],
+            "ll" + "r" * 7,
+        ),
     ]
-    for p in points:
-        lines.append(
-            f"| {p['run']} | {p['draft']} | {p['minutes']:.1f} | {fmt(p['proxy_acceptance'])} | {fmt(p['proxy_top1'])} "
-            f"| {fmt(p.get('sampling_alpha_per_token'))} | {fmt(p.get('greedy_alpha_per_token'))} "
-            f"| {fmt(p.get('sampling_speedup'), 2)} ({p.get('sampling_gamma') or '—'}) "
-            f"| {fmt(p.get('greedy_speedup'), 2)} ({p.get('greedy_gamma') or '—'}) |"
-        )
     if clock is not None:
         lines += ["", f"Stage drafts are placed at the stage wall times of `{args.clock}` (same budgets)."]
     clock_arg = f" --clock {args.clock}" if args.clock else ""

@@ -22,26 +22,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import logging
-import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import torch  # noqa: E402
+# isort: split
 
-from benchmarks.bench_specdec import machine  # noqa: E402
-from fastdraft_ray.config import EvaluateConfig, ModelConfig  # noqa: E402
-from fastdraft_ray.data.tasks import TASKS, load_tasks  # noqa: E402
-from fastdraft_ray.evaluate.run import ALL, evaluate  # noqa: E402
-from fastdraft_ray.models.target import load_tokenizer  # noqa: E402
-from fastdraft_ray.specdec.policy import POLICIES  # noqa: E402
-from fastdraft_ray.specdec.precision import PRECISIONS  # noqa: E402
+import torch
+
+from fastdraft_ray.config import EvaluateConfig, ModelConfig
+from fastdraft_ray.data.tasks import TASKS, load_tasks
+from fastdraft_ray.evaluate.run import ALL, evaluate
+from fastdraft_ray.models.target import load_tokenizer
+from fastdraft_ray.specdec.policy import POLICIES
+from fastdraft_ray.specdec.precision import PRECISIONS
 
 FIELDS = (
     "draft",
@@ -192,7 +188,7 @@ def render(args, rows: list[dict], tasks: list[str], header: str) -> str:
         + cols
         + ["α all", "α/token", "prior α", "τ all", "predicted", "speedup all", "greedy = target"]
     )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
+    table = []
     groups = {}
     for r in rows:
         key = (r["draft"], r["precision"], r["linear_kernel"], r["policy"], r["mode"], r["prior_alpha"])
@@ -207,7 +203,7 @@ def render(args, rows: list[dict], tasks: list[str], header: str) -> str:
         cells += [_fmt(a["acceptance_rate"], 3), _fmt(a["alpha_per_token"], 3), _fmt(a["prior_alpha"], 3)]
         cells += [_fmt(a["block_efficiency"]), _fmt(a["predicted_speedup"])]
         cells += [f"**{a['speedup']:.2f}**", "—" if match is None else f"{match:.0%} of prompts"]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
     notes = [
         "",
         "α = accepted / proposed draft tokens; α/token = per-token acceptance probability, accepted / (accepted + "
@@ -222,7 +218,7 @@ def render(args, rows: list[dict], tasks: list[str], header: str) -> str:
         "is token-for-token the target's own (int8 dynamic quantisation scores a k-token chunk with one "
         "activation scale, so it need not be).",
     ]
-    return "\n".join([header, "", *lines, *notes, ""])
+    return "\n".join([header, "", harness.table(head, table, "l" * 5 + "r" * (len(head) - 5)), *notes, ""])
 
 
 def main() -> None:
@@ -263,11 +259,11 @@ def main() -> None:
     drafts = parse_drafts(args.drafts)
     tokenizer = load_tokenizer(args.target)
     prompts = load_tasks(tokenizer, args.tasks, args.prompts_per_task, args.seed)
-    start = machine()
+    start = harness.machine()
     rows = run_rows(args, drafts, prompts)
     header = "\n".join(
         [
-            f"# Draft efficiency on this machine ({datetime.datetime.now():%Y-%m-%d %H:%M})",
+            f"# Draft efficiency on this machine ({harness.now()})",
             "",
             f"Command: `python benchmarks/bench_draft_efficiency.py {' '.join(sys.argv[1:])}`",
             f"Target: {args.target}; drafts: " + ", ".join(f"{n} = {p}" for n, p in drafts.items()),
@@ -275,12 +271,12 @@ def main() -> None:
             f"new tokens, EOS stops; gamma {args.gamma} (adaptive policies up to {args.max_gamma}); sampling at "
             f"T={args.temperature}.",
             f"Machine at start: {start}",
-            f"Machine at end: {machine()}",
+            f"Machine at end: {harness.machine()}",
         ]
     )
     report = render(args, rows, list(prompts), header)
     print(report)
-    out = Path(args.out or ROOT / "benchmarks/results" / f"draft_efficiency_{datetime.date.today():%Y-%m-%d}.md")
+    out = Path(args.out or harness.result_path("draft_efficiency"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     with open(out.with_suffix(".csv"), "w", newline="") as fh:

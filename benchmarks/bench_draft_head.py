@@ -21,7 +21,6 @@ on held-out instruction prompts with the real target: the acceptance a trimmed h
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
@@ -29,20 +28,19 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+# isort: split
 
-from fastdraft_ray.config import DraftConfig  # noqa: E402
-from fastdraft_ray.models.draft import count_params, new_draft  # noqa: E402
-from fastdraft_ray.models.target import load_target_config, load_tokenizer  # noqa: E402
-from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_ids, token_counts  # noqa: E402
-from fastdraft_ray.train.losses import lm_loss  # noqa: E402
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from fastdraft_ray.config import DraftConfig
+from fastdraft_ray.models.draft import count_params, new_draft
+from fastdraft_ray.models.target import load_target_config, load_tokenizer
+from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_ids, token_counts
+from fastdraft_ray.train.losses import lm_loss
 
 TARGET = "embedded:smollm2-135m-instruct"
 SHAPES = {
@@ -102,7 +100,9 @@ def acceptance(target, tokenizer, drafts: dict, prompts: int, new_tokens: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(ROOT / "runs/cpu_default/data/pt"), help="shard or KD folder to count")
+    ap.add_argument(
+        "--data", default=str(harness.ROOT / "runs/cpu_default/data/pt"), help="shard or KD folder to count"
+    )
     ap.add_argument("--ks", type=int, nargs="+", default=[4096, 8192, 16384, 0], help="head sizes (0 = full)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--threads", type=int, default=1)
@@ -138,7 +138,7 @@ def main() -> None:
         print(f"round {r + 1}/{args.repeats} done", flush=True)
 
     lines = [
-        f"# Draft output-head size vs cost ({datetime.date.today():%Y-%m-%d})",
+        f"# Draft output-head size vs cost ({harness.today()})",
         "",
         f"Command: `python benchmarks/bench_draft_head.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
@@ -147,19 +147,20 @@ def main() -> None:
         f"Kept sets counted on: {counted_on} ({int(counts.sum()):,} tokens); {len(specials)} special tokens always "
         "kept. Random-weight drafts (cost does not depend on the weights).",
         "",
-        "| shape | head K | params (M) | head+emb share | coverage | decode step ms | vs full | train tok/s | vs full |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    table = []
     for (shape_name, k), model in models.items():
         pc = count_params(model)
         full = (shape_name, 0) if (shape_name, 0) in models else None
         cov = f"{100 * coverage(counts, kept[k]):.2f}%" if k else "100%"
         ratio_step = f"{step[full] / step[(shape_name, k)]:.2f}x" if full else "-"
         ratio_train = f"{train[(shape_name, k)] / train[full]:.2f}x" if full else "-"
-        lines.append(
-            f"| {shape_name} | {k or f'full ({vocab:,})'} | {pc.total / 1e6:.1f} | {pc.embedding / pc.total:.0%} | "
-            f"{cov} | {step[(shape_name, k)]:.2f} | {ratio_step} | {train[(shape_name, k)]:,.0f} | {ratio_train} |"
+        table.append(
+            [shape_name, k or f"full ({vocab:,})", f"{pc.total / 1e6:.1f}", f"{pc.embedding / pc.total:.0%}", cov]
+            + [f"{step[(shape_name, k)]:.2f}", ratio_step, f"{train[(shape_name, k)]:,.0f}", ratio_train]
         )
+    head = ["shape", "head K", "params (M)", "head+emb share", "coverage", "decode step ms", "vs full"]
+    lines.append(harness.table([*head, "train tok/s", "vs full"], table))
     if args.draft:
         from fastdraft_ray.models.draft import load_draft
         from fastdraft_ray.models.target import load_target
@@ -174,13 +175,11 @@ def main() -> None:
             f"Greedy acceptance (gamma 3, {args.prompts} held-out instruction prompts x {args.max_new_tokens} "
             f"tokens) of the trained draft `{args.draft}` and its trimmed copies (no retraining):",
             "",
-            "| draft head | acceptance rate |",
-            "|---|---|",
-            *[f"| {name} | {rate:.3f} |" for name, rate in rates.items()],
+            harness.table(["draft head", "acceptance rate"], [[n, f"{r:.3f}"] for n, r in rates.items()]),
         ]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"draft_head_{datetime.date.today():%Y-%m-%d}.md")
+    out = Path(args.out or harness.result_path("draft_head"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}")

@@ -11,14 +11,14 @@ reported separately as end-to-end time). Prints the ratio and writes ``benchmark
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness  # the repository on sys.path and the offline hub, before any model library loads
+
+# isort: split
 
 
 def one_at_a_time(target: str, prompts: list[list[int]], max_new_tokens: int, threads: int) -> tuple[int, float]:
@@ -104,18 +104,22 @@ def main() -> None:
     base_tps, pool_tps = base_tokens / base_s, pool_tokens / pool_busy
     ratio = pool_tps / base_tps
     lines = [
-        f"# KD generation throughput, {datetime.date.today()}",
+        f"# KD generation throughput, {harness.today()}",
         "",
         f"target `{args.target}`, {args.prompts} alpaca prompts, greedy, max_new_tokens {args.max_new_tokens}, "
         f"batch {args.batch_size}, {args.actors} actor(s) x {args.cpus} CPU; baseline {args.actors * args.cpus} "
         "thread(s), one prompt at a time.",
         "",
-        "| generator | generated tokens | seconds | tokens/s |",
-        "|---|---:|---:|---:|",
-        f"| one-at-a-time model.generate | {base_tokens} | {base_s:.1f} | {base_tps:.1f} |",
-        f"| batched actor pool (generation) | {pool_tokens} | {pool_busy:.1f} | {pool_tps:.1f} |",
-        f"| batched actor pool (end to end, actor start-up incl.) | {pool_tokens} | {pool_wall:.1f} | "
-        f"{pool_tokens / pool_wall:.1f} |",
+        harness.table(
+            ["generator", "generated tokens", "seconds", "tokens/s"],
+            [
+                ["one-at-a-time model.generate", base_tokens, f"{base_s:.1f}", f"{base_tps:.1f}"],
+                ["batched actor pool (generation)", pool_tokens, f"{pool_busy:.1f}", f"{pool_tps:.1f}"],
+                ["batched actor pool (end to end, actor start-up incl.)", pool_tokens, f"{pool_wall:.1f}"]
+                + [f"{pool_tokens / pool_wall:.1f}"],
+            ],
+            "lrrr",
+        ),
         "",
         f"**ratio (batched / one-at-a-time): {ratio:.2f}x** "
         f"(end to end: {pool_tokens / pool_wall / base_tps:.2f}x)",
@@ -124,7 +128,7 @@ def main() -> None:
     ]
     report = "\n".join(lines)
     print(report)
-    out = ROOT / "benchmarks" / "results" / f"generate_{datetime.date.today()}.md"
+    out = harness.result_path("generate")
     out.write_text(report + "\n")
     print(f"written to {out}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
 import shutil
@@ -25,19 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-from benchmarks.bench_specdec import machine  # noqa: E402
-from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.evaluate.metrics import ALL  # noqa: E402
-from fastdraft_ray.evaluate.run import evaluate  # noqa: E402
-from fastdraft_ray.ray_runtime import init_ray  # noqa: E402
+# isort: split
+
+from fastdraft_ray.config import load_config
+from fastdraft_ray.evaluate.metrics import ALL
+from fastdraft_ray.evaluate.run import evaluate
+from fastdraft_ray.ray_runtime import init_ray
+from fastdraft_ray.stage_graph import PRETRAINING
 
 LOSSES = ("ce", "ce_kl", "ce_tvd", "kl", "tvd")
-COPIED = ("data", "pt", "cp", "proxy", "pipeline.json")
+COPIED = ("data", "proxy", "pipeline.json", *PRETRAINING)  # the run folders of the finished PT/CP part
 
 
 def copy_base(base: Path, run: Path) -> None:
@@ -59,7 +57,7 @@ def fine_tune(args, loss: str) -> dict:
     copy_base(args.base, run)
     cmd = [
         sys.executable,
-        str(ROOT / "jobs/pipeline.py"),
+        str(harness.ROOT / "jobs/pipeline.py"),
         "--config",
         args.config,
         f"storage={args.out}",
@@ -84,7 +82,7 @@ def main() -> None:
     parser.add_argument("--prompts-per-task", type=int, default=4)
     args = parser.parse_args()
     args.base, args.out = args.base.resolve(), args.out.resolve()
-    print(machine(), flush=True)
+    print(harness.machine(), flush=True)
     done = {}
     for loss in args.losses:
         start = time.perf_counter()
@@ -122,9 +120,7 @@ def main() -> None:
                 "ft_minutes": round(done[loss]["wall_time_s"] / 60, 2),
             }
         )
-    stamp = datetime.date.today().isoformat()
-    out_dir = ROOT / "benchmarks" / "results"
-    with open(out_dir / f"kd_ablation_{stamp}.csv", "w", newline="") as f:
+    with open(harness.result_path("kd_ablation", ".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -134,7 +130,7 @@ def main() -> None:
         "",
         f"`python benchmarks/bench_kd_ablation.py --config {args.config} --base {args.base} --out {args.out}`",
         "",
-        machine(),
+        harness.machine(),
         "",
         f"Acceptance rate α at γ = 3 ({args.prompts_per_task} held-out prompts per family × "
         f"{cfg.evaluate.max_new_tokens} tokens), one shared target baseline; proxy = train/proxy_acceptance "
@@ -145,19 +141,19 @@ def main() -> None:
         lines += [
             f"## {mode}" + (f" (T = {cfg.evaluate.temperature})" if mode == "sampling" else ""),
             "",
-            "| loss | " + " | ".join(tasks) + " | α/token | speedup | proxy | FT val loss | FT min |",
-            "|---|" + "---:|" * (len(tasks) + 5),
         ]
+        table = []
         for loss in args.losses:
             by_task = {r["task"]: r for r in rows if r["loss"] == loss and r["mode"] == mode}
             a = by_task[ALL]
-            cells = " | ".join(f"{by_task[t]['acceptance_rate']:.3f}" for t in tasks)
-            lines.append(
-                f"| {loss} | {cells} | {a['alpha_per_token']:.3f} | {a['speedup']:.2f}× | "
-                f"{a['proxy_acceptance']:.3f} | {a['ft_val_loss']:.3f} | {a['ft_minutes']:.1f} |"
+            table.append(
+                [loss, *(f"{by_task[t]['acceptance_rate']:.3f}" for t in tasks), f"{a['alpha_per_token']:.3f}"]
+                + [f"{a['speedup']:.2f}×", f"{a['proxy_acceptance']:.3f}", f"{a['ft_val_loss']:.3f}"]
+                + [f"{a['ft_minutes']:.1f}"]
             )
-        lines.append("")
-    (out_dir / f"kd_ablation_{stamp}.md").write_text("\n".join(lines))
+        head = ["loss", *tasks, "α/token", "speedup", "proxy", "FT val loss", "FT min"]
+        lines += [harness.table(head, table, "l" + "r" * (len(head) - 1)), ""]
+    harness.result_path("kd_ablation").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import harness  # the repository on sys.path and the offline hub, before any model library loads
+
+# isort: split
 TOKENIZER = "embedded:smollm2-135m-instruct"
 SEQ_LEN = 512
 
@@ -127,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=4.0, help="corpus size at 1x, in MB of text")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(harness.RESULTS))
     parser.add_argument("--run", choices=["ray", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -150,7 +151,7 @@ def main() -> None:
                 flush=True,
             )
     lines = [
-        f"# bench_prepare — {time.strftime('%Y-%m-%d %H:%M')}",
+        f"# bench_prepare — {harness.now()}",
         "",
         f"`python benchmarks/bench_prepare.py --mb {args.mb} --scales {' '.join(map(str, args.scales))}` — "
         f"{os.cpu_count()} CPUs, tokenizer {TOKENIZER}, seq_len {SEQ_LEN}. Ray: `prepare()` with 2 tokenizer "
@@ -158,17 +159,26 @@ def main() -> None:
         "`datasets.load_dataset('json')` + `Dataset.map(batched=True, num_proc=2)` + the same Packer/ShardWriter. "
         "Peak = max PSS of the pipeline's whole process tree.",
         "",
-        "| corpus | tokens | Ray tok/s | datasets tok/s | ratio | Ray peak PSS MB | datasets peak PSS MB |",
-        "|---|---|---|---|---|---|---|",
+        harness.table(
+            [
+                "corpus",
+                "tokens",
+                "Ray tok/s",
+                "datasets tok/s",
+                "ratio",
+                "Ray peak PSS MB",
+                "datasets peak PSS MB",
+            ],
+            [
+                [f"{scale}x ({nbytes / 1e6:.1f} MB)", f"{r['tokens']:,}", f"{r['tokens_per_s']:,.0f}"]
+                + [f"{h['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}"]
+                + [f"{r['peak_pss_mb']:.0f}", f"{h['peak_pss_mb']:.0f}"]
+                for scale, nbytes, r, h in rows
+            ],
+        ),
     ]
-    for scale, nbytes, r, h in rows:
-        lines.append(
-            f"| {scale}x ({nbytes / 1e6:.1f} MB) | {r['tokens']:,} | {r['tokens_per_s']:,.0f} | "
-            f"{h['tokens_per_s']:,.0f} | {r['tokens_per_s'] / h['tokens_per_s']:.2f} | "
-            f"{r['peak_pss_mb']:.0f} | {h['peak_pss_mb']:.0f} |"
-        )
     os.makedirs(args.out, exist_ok=True)
-    path = Path(args.out) / f"prepare_{time.strftime('%Y%m%d_%H%M')}.md"
+    path = Path(args.out) / f"prepare_{harness.today()}.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[4:]))
     print(f"written to {path}")

@@ -21,30 +21,27 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+# isort: split
 
-from benchmarks.bench_specdec import machine  # noqa: E402
-from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.data.tasks import TASKS  # noqa: E402
-from fastdraft_ray.evaluate.metrics import ALL  # noqa: E402
-from fastdraft_ray.evaluate.run import evaluate  # noqa: E402
-from fastdraft_ray.layout import TRAINING_STAGES, RunLayout  # noqa: E402
-from fastdraft_ray.models.construct import prepare_init  # noqa: E402
-from fastdraft_ray.models.draft import load_draft  # noqa: E402
-from fastdraft_ray.train.proxy import load_or_build, score_draft  # noqa: E402
+import numpy as np
+import torch
+
+from fastdraft_ray.config import load_config
+from fastdraft_ray.data.tasks import TASKS
+from fastdraft_ray.evaluate.metrics import ALL
+from fastdraft_ray.evaluate.run import evaluate
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.models.construct import prepare_init
+from fastdraft_ray.models.draft import load_draft
+from fastdraft_ray.stage_graph import TRAINING
+from fastdraft_ray.train.proxy import load_or_build, score_draft
 
 MEASURED = {"sampling": "proxy_acceptance", "greedy": "proxy_top1"}  # measured mode -> the proxy that predicts it
 
@@ -72,7 +69,7 @@ def run_drafts(cfg, work: Path, layers: list[int], extra: list[str]) -> dict[str
     drafts = {}
     if (layout.stage("pt").init / "config.json").exists():
         drafts["init"] = str(layout.stage("pt").init)
-    for stage in TRAINING_STAGES:
+    for stage in TRAINING:
         if (layout.stage(stage).export / "config.json").exists():
             drafts[stage] = str(layout.stage(stage).export)
     for n in layers:
@@ -96,9 +93,7 @@ def main() -> None:
     parser.add_argument("--drafts", nargs="*", default=[], help="extra name=folder drafts")
     parser.add_argument("--prompts-per-task", type=int, default=None, help="default: the config's evaluate value")
     parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / f"proxy_vs_measured_{datetime.date.today()}")
-    )
+    parser.add_argument("--out", default=str(harness.result_path("proxy_vs_measured", "")))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. storage=/tmp/runs")
     args = parser.parse_args()
 
@@ -165,26 +160,37 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"# Training proxy vs measured acceptance, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"# Training proxy vs measured acceptance, {harness.now()}",
         "",
         f"Target {cfg.model.target}; run {RunLayout.of(cfg).root}. Evaluation: {ev.prompts_per_task} held-out "
         f"prompts per family x {ev.max_new_tokens} tokens, gamma {ev.gamma}, T = {ev.temperature}, "
         f"{', '.join(ev.modes)}. Proxy: {len(proxy)} other held-out prompts x <= {cfg.train.proxy_tokens} "
         f"target-written tokens ({proxy.positions} positions, top-{cfg.train.proxy_topk}), built in {build_s:.0f} s; "
-        f"T = {cfg.train.proxy_temperature}. {machine()}; load average before {load_before:.2f}.",
+        f"T = {cfg.train.proxy_temperature}. {harness.machine()}; load average before {load_before:.2f}.",
         "",
-        "| draft | proxy_acceptance | measured sampling alpha/token | proxy_top1 | measured greedy alpha/token | proxy s |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for name in drafts:
         got = {r["mode"]: r for r in rows if r["draft"] == name and r["task"] == ALL}
         s, g = got.get("sampling", {}), got.get("greedy", {})
-        lines.append(
-            f"| {name} | {proxies[name]['proxy_acceptance']:.3f} | {s.get('measured_alpha_per_token', float('nan')):.3f} "
-            f"| {proxies[name]['proxy_top1']:.3f} | {g.get('measured_alpha_per_token', float('nan')):.3f} "
-            f"| {score_s[name]:.2f} |"
+        table.append(
+            [
+                name,
+                f"{proxies[name]['proxy_acceptance']:.3f}",
+                f"{s.get('measured_alpha_per_token', float('nan')):.3f}",
+            ]
+            + [f"{proxies[name]['proxy_top1']:.3f}", f"{g.get('measured_alpha_per_token', float('nan')):.3f}"]
+            + [f"{score_s[name]:.2f}"]
         )
+    head = [
+        "draft",
+        "proxy_acceptance",
+        "measured sampling alpha/token",
+        "proxy_top1",
+        "measured greedy alpha/token",
+    ]
     lines += [
+        harness.table([*head, "proxy s"], table, "lrrrrr"),
         "",
         f"Spearman over drafts: sampling {rho.get('sampling', float('nan')):.2f}, greedy "
         f"{rho.get('greedy', float('nan')):.2f}; over (draft, family, mode) points: {rho_family:.2f}.",

@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.layout import RunLayout  # noqa: E402
-from fastdraft_ray.search.latency import DeviceProfile  # noqa: E402
-from fastdraft_ray.search.objective import data_dir, trial_config  # noqa: E402
-from fastdraft_ray.search.run import default_point  # noqa: E402
-from fastdraft_ray.search.space import Architecture, enumerate_space  # noqa: E402
+# isort: split
+
+from fastdraft_ray.config import load_config
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.search.latency import DeviceProfile
+from fastdraft_ray.search.objective import data_dir, trial_config
+from fastdraft_ray.search.run import default_point
+from fastdraft_ray.search.space import Architecture, enumerate_space
 
 
 def pick(rows: list[dict], metric: str, best: str, default: str | None) -> dict[str, dict]:
@@ -63,9 +62,7 @@ def export_of(cfg, row: dict, profile: DeviceProfile, proxy) -> Path:
             ray.init(num_cpus=(os.cpu_count() or 1) + 1)
         print(f"training {arch.name} on to the full budget (it was stopped at step {row['step']})", flush=True)
         model = profile.speedup_model(arch, cfg.evaluate.max_gamma)
-        train_stage(
-            tcfg, data_dir(cfg), proxy=proxy, extra_loop_config={"speedup_model": dataclasses.asdict(model)}
-        )
+        train_stage(tcfg, data_dir(cfg), proxy=proxy, speedup_model=model)
     return layout.export
 
 
@@ -116,7 +113,7 @@ def main() -> None:
     results = evaluate(cfg.model, [str(p) for p in exports.values()], settings)
     roles = {Path(p).parent.parent.name: role for role, p in exports.items()}
     lines = [
-        f"# Search winner vs median trial vs default shape, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"# Search winner vs median trial vs default shape, {harness.now()}",
         "",
         f"Search {search.root} ({len(rows)} trials, {cfg.search.token_budget_per_trial:,} tokens each of "
         f"{cfg.search.data}); profile {profile.key}: target step {1000 * profile.target_step_s:.1f} ms, "
@@ -126,10 +123,8 @@ def main() -> None:
         f"thread(s), one shared target-alone baseline; {time.time() - started:.0f} s. torch {torch.__version__}; "
         f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}.",
         "",
-        "| role | shape | mode | proxy (this set) | predicted | measured α/token | measured speedup [90%] | "
-        "predicted / measured | greedy = target |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for info in results.drafts:
         role = roles.get(Path(info.path).parent.parent.name, info.name)
         row = chosen[role]
@@ -139,16 +134,18 @@ def main() -> None:
             r = results.row(info.name, mode, "all", gamma)
             alpha = proxies[role][key]
             predicted = expected_speedup(alpha, gamma, model.c, model.verify_cost)
-            lines.append(
-                f"| {role} | {arch.name} | {mode} | {alpha:.3f} | {predicted:.2f} | {r['alpha_per_token']:.3f} | "
-                f"{r['speedup']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}] | "
-                f"{predicted / r['speedup']:.2f} | {r['matches_target'] if mode == 'greedy' else '—'} |"
+            table.append(
+                [role, arch.name, mode, f"{alpha:.3f}", f"{predicted:.2f}", f"{r['alpha_per_token']:.3f}"]
+                + [f"{r['speedup']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]"]
+                + [f"{predicted / r['speedup']:.2f}", r["matches_target"] if mode == "greedy" else "—"]
             )
+    head = ["role", "shape", "mode", "proxy (this set)", "predicted", "measured α/token", "measured speedup [90%]"]
+    lines.append(harness.table([*head, "predicted / measured", "greedy = target"], table, "lll" + "r" * 6))
     cmd = f"python benchmarks/bench_search_winner.py {' '.join(sys.argv[1:])}"
     lines += ["", f"Command: `{cmd}`", ""]
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out or ROOT / "benchmarks/results" / f"search_winner_{datetime.date.today():%Y-%m-%d}.md")
+    out = Path(args.out or harness.result_path("search_winner"))
     out.write_text(text)
 
 

@@ -13,30 +13,24 @@ Writes ``benchmarks/results/serve_<date>.md``. Everything listens on 127.0.0.1 o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import socket
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import requests  # noqa: E402
-from ray import serve  # noqa: E402
-from starlette.requests import Request  # noqa: E402
+# isort: split
 
-from benchmarks.bench_specdec import machine  # noqa: E402
-from fastdraft_ray.config import load_config  # noqa: E402
-from fastdraft_ray.data.tasks import load_tasks  # noqa: E402
-from fastdraft_ray.models.target import load_tokenizer  # noqa: E402
-from fastdraft_ray.serve.app import build_app  # noqa: E402
+import requests
+from ray import serve
+from starlette.requests import Request
+
+from fastdraft_ray.config import load_config
+from fastdraft_ray.data.tasks import load_tasks
+from fastdraft_ray.models.target import load_tokenizer
+from fastdraft_ray.serve.app import build_app
 
 CLIENT_TIMEOUT_S = 900
 PROMPTS_PER_TASK = 12  # distinct held-out prompts per family (the offline story source has 13)
@@ -147,7 +141,7 @@ def main() -> None:
             f"serve.gamma={args.gamma}",
             f"serve.num_replicas={args.replicas}",
             "serve.threads=1",
-            f"serve.max_new_tokens={args.max_tokens}",
+            f"serve.max_tokens_limit={args.max_tokens}",
             "serve.max_queued_requests=256",
         ],
     )
@@ -184,21 +178,21 @@ def main() -> None:
         f"{' '.join(map(str, args.concurrency))} --requests {' '.join(map(str, args.requests))} --max-tokens "
         f"{args.max_tokens} --replicas {args.replicas}`",
         "",
-        machine(),
+        harness.machine(),
         "",
         f"{args.replicas} replicas × 1 CPU × 1 thread per mode; greedy, {args.max_tokens} new tokens; prompts of the "
         f"four task families interleaved; client timeout {CLIENT_TIMEOUT_S} s.",
         "",
-        "| mode | concurrency | requests | tok/s | × target-only | p50 latency s | p95 latency s | p50 TTFT s | "
-        "errors | refused |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    table = []
     for (mode, conc), r in results.items():
         ratio = r["tokens_per_s"] / results[("target-only", conc)]["tokens_per_s"]
-        lines.append(
-            f"| {mode} | {conc} | {r['requests']} | {r['tokens_per_s']:.1f} | {ratio:.2f}× | {r['p50_s']:.2f} | "
-            f"{r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['errors']} | {r['refused']} |"
+        table.append(
+            [mode, conc, r["requests"], f"{r['tokens_per_s']:.1f}", f"{ratio:.2f}×", f"{r['p50_s']:.2f}"]
+            + [f"{r['p95_s']:.2f}", f"{r['ttft_p50_s']:.2f}", r["errors"], r["refused"]]
         )
+    head = ["mode", "concurrency", "requests", "tok/s", "× target-only", "p50 latency s", "p95 latency s"]
+    lines.append(harness.table([*head, "p50 TTFT s", "errors", "refused"], table, "l" + "r" * 9))
     losing = [
         c
         for c, _ in levels
@@ -214,8 +208,7 @@ def main() -> None:
         f"Speculation is slower than the target alone at concurrency {losing or 'none'}; batched target-only "
         f"generation out-serves it at concurrency {beaten or 'none'}.",
     ]
-    stamp = datetime.date.today().isoformat()
-    (ROOT / "benchmarks" / "results" / f"serve_{stamp}.md").write_text("\n".join(lines) + "\n")
+    harness.result_path("serve").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

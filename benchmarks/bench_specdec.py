@@ -22,27 +22,22 @@ from other processes spreads over all of them, and ``--repeats R`` keeps the fas
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
+# isort: split
 
-from fastdraft_ray.config import DecodeConfig, DraftConfig  # noqa: E402
-from fastdraft_ray.models.draft import build_draft, derive_draft_config, load_draft, param_bytes  # noqa: E402
-from fastdraft_ray.models.target import load_target  # noqa: E402
-from fastdraft_ray.specdec.decode import NEAR_TIE_LOGIT_GAP, first_divergence  # noqa: E402
-from fastdraft_ray.specdec.engine import SpecDecoder  # noqa: E402
+import torch
+
+from fastdraft_ray.config import DecodeConfig, DraftConfig
+from fastdraft_ray.models.draft import build_draft, derive_draft_config, load_draft, param_bytes
+from fastdraft_ray.models.target import load_target
+from fastdraft_ray.specdec.decode import NEAR_TIE_LOGIT_GAP, first_divergence
+from fastdraft_ray.specdec.engine import SpecDecoder
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -87,22 +82,6 @@ class ForwardTimer:
     def _stop(self, *_):
         self.calls += 1
         self.seconds += time.perf_counter() - self._t0
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{cpu}; {os.cpu_count()} logical cores; torch {torch.__version__} with {torch.get_num_threads()} "
-        f"threads; transformers {transformers.__version__}; load average {load}"
-    )
 
 
 def hf_generate(model, ids, n, eos, **kw) -> list[int]:
@@ -211,7 +190,7 @@ def main() -> None:
     ]
     methods = build_methods(target, drafts, args.gamma, args.max_new_tokens, eos)
     tallies = {name: Tally() for name in methods}
-    info_start = machine()
+    info_start = harness.machine()
 
     with torch.inference_mode():
         for fn in methods.values():  # warm-up: first calls allocate and dispatch lazily
@@ -234,7 +213,7 @@ def main() -> None:
 
     report = render(args, target, drafts, prompts, tallies, info_start)
     print(report)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"specdec_{datetime.date.today():%Y-%m-%d}.md")
+    out = Path(args.out or harness.result_path("specdec"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(f"written to {out}")
@@ -267,10 +246,10 @@ def render(args, target, drafts, prompts, tallies, info_start) -> str:
         check = check_outputs(target, prompts, base.outputs, t.outputs) if t is not base else "reference"
         all_ok &= "MISMATCH" not in check and "length" not in check
         rows.append(
-            f"| {name} | {t.tokens} | {t.seconds:.2f} | {t.forward_seconds:.2f} | {tps:.2f} "
-            f"| {tps / base_tps:.3f} | {alpha} | {tau} "
-            f"| {t.target_forwards} | {overhead_ms:.1f} | {check} |"
+            [name, t.tokens, f"{t.seconds:.2f}", f"{t.forward_seconds:.2f}", f"{tps:.2f}", f"{tps / base_tps:.3f}"]
+            + [alpha, tau, t.target_forwards, f"{overhead_ms:.1f}", check]
         )
+    head = ["method", "tokens", "seconds", "in forwards", "tokens/s", "ratio vs target-only", "alpha", "tau"]
     draft_lines = [
         f"- {name}: {param_bytes(d) / 1e6:.1f} MB of parameters "
         f"(c = {param_bytes(d) / param_bytes(target):.4f} of the target's bytes)"
@@ -278,20 +257,17 @@ def render(args, target, drafts, prompts, tallies, info_start) -> str:
     ]
     return "\n".join(
         [
-            f"# Speculative decoding benchmark ({datetime.datetime.now():%Y-%m-%d %H:%M})",
+            f"# Speculative decoding benchmark ({harness.now()})",
             "",
             f"Command: `python benchmarks/bench_specdec.py {' '.join(sys.argv[1:])}`",
             f"Target: {args.target} (fp32, {param_bytes(target) / 1e6:.0f} MB). Greedy, gamma={args.gamma}, "
             f"{len(prompts)} chat-templated instruction prompts x up to {args.max_new_tokens} new tokens (EOS stops).",
             f"Machine at start: {info_start}",
-            f"Machine at end: {machine()}",
+            f"Machine at end: {harness.machine()}",
             "Drafts (random weights unless a path is given: they measure cost and overhead, not achievable speedup):",
             *draft_lines,
             "",
-            "| method | tokens | seconds | in forwards | tokens/s | ratio vs target-only | alpha | tau | target fwds "
-            "| overhead ms/target fwd | output vs model.generate |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-            *rows,
+            harness.table([*head, "target fwds", "overhead ms/target fwd", "output vs model.generate"], rows),
             "",
             "tau = new tokens / verify forwards (HF: target forward calls, counted with a hook). Overhead = wall time"
             " outside target and draft forward calls (timed with hooks) per target forward: the decoding loop's own"

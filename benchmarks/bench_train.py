@@ -13,7 +13,6 @@ does not depend on them).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -23,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# isort: split
 
 
 def plain_loop(
@@ -82,6 +81,7 @@ def stack(cfg, data_dir: str, trace_dir: Path, warmup: int, tokens_per_step: int
     """This stack: ``train_stage`` on a private local Ray (2 workers + 1 logical CPU for data reads)."""
     import ray
 
+    from fastdraft_ray.train.loop import Hooks
     from fastdraft_ray.train.run import train_stage
 
     start = time.perf_counter()
@@ -92,7 +92,7 @@ def stack(cfg, data_dir: str, trace_dir: Path, warmup: int, tokens_per_step: int
         log_to_driver=False,
     )
     try:
-        record = train_stage(cfg, data_dir, extra_loop_config={"trace_dir": str(trace_dir)})
+        record = train_stage(cfg, data_dir, hooks=Hooks(trace_dir=str(trace_dir)))
     finally:
         ray.shutdown()
     wall = time.perf_counter() - start
@@ -117,9 +117,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per worker per step (plain: x2)")
-    parser.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / f"train_{datetime.date.today()}.md")
-    )
+    parser.add_argument("--out", default=str(harness.result_path("train")))
     parser.add_argument("--_plain", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._plain:  # child process: the baseline, so its peak memory is its own
@@ -180,7 +178,7 @@ def main() -> None:
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(harness.ROOT)},
     )
     plain = json.loads(out.stdout.strip().splitlines()[-1])
     trace_dir = work / "trace"
@@ -193,19 +191,27 @@ def main() -> None:
         for p in __import__("fastdraft_ray.models.draft", fromlist=["x"]).load_draft(init_dir).parameters()
     )
     lines = [
-        f"# Training throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}",
+        f"# Training throughput, {harness.now()}",
         "",
         f"Draft: {cfg.draft.num_layers} layers x {cfg.draft.hidden_size} hidden, vocab {len(tokenizer):,}, "
         f"{params / 1e6:.1f}M params (target {cfg.model.target}). {args.steps} steps of {rows_per_step} rows x "
         f"{args.seq_len} tokens (global batch {rows_per_step * args.seq_len:,} tokens); tokens/s excludes the first "
         f"{args.warmup} steps. Machine: {os.cpu_count()} CPUs, load average before the run {load_before:.2f}, after {os.getloadavg()[0]:.2f} (1 min).",
         "",
-        "| run | tokens/s | wall s (incl. start-up) | peak RSS MB | final loss |",
-        "|---|---:|---:|---:|---:|",
-        f"| plain PyTorch, 1 process x 2 threads | {plain['tokens_per_s']:,.0f} | {plain['wall_s']:.1f} | "
-        f"{plain['peak_rss_mb']:,.0f} | {plain['final_loss']:.3f} |",
-        f"| Ray Train V2 + DeepSpeed ZeRO-2, 2 workers x 1 thread | {ours['tokens_per_s']:,.0f} | {ours['wall_s']:.1f} | "
-        f"{ours['peak_rss_mb']:,.0f} (per worker) | {ours['final_loss']:.3f} |",
+        harness.table(
+            ["run", "tokens/s", "wall s (incl. start-up)", "peak RSS MB", "final loss"],
+            [
+                ["plain PyTorch, 1 process x 2 threads", f"{plain['tokens_per_s']:,.0f}", f"{plain['wall_s']:.1f}"]
+                + [f"{plain['peak_rss_mb']:,.0f}", f"{plain['final_loss']:.3f}"],
+                ["Ray Train V2 + DeepSpeed ZeRO-2, 2 workers x 1 thread", f"{ours['tokens_per_s']:,.0f}"]
+                + [
+                    f"{ours['wall_s']:.1f}",
+                    f"{ours['peak_rss_mb']:,.0f} (per worker)",
+                    f"{ours['final_loss']:.3f}",
+                ],
+            ],
+            "lrrrr",
+        ),
         "",
         f"**Ratio stack / plain = {ratio:.2f}** (goal >= 0.9).",
         "",

@@ -19,25 +19,23 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import harness  # the repository on sys.path and the offline hub, before any model library loads
 
-import torch  # noqa: E402
+# isort: split
 
-from fastdraft_ray.models.batched import generate_batch  # noqa: E402
-from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids  # noqa: E402
-from fastdraft_ray.models.target import load_target  # noqa: E402
-from fastdraft_ray.specdec.kernels import (  # noqa: E402
+import torch
+
+from fastdraft_ray.models.batched import generate_batch
+from fastdraft_ray.models.prompting import pad_token_id, stop_token_ids
+from fastdraft_ray.models.target import load_target
+from fastdraft_ray.specdec.kernels import (
     small_batch_linear_op,
     use_small_batch_kernel,
     use_torch_linear,
 )
-from fastdraft_ray.specdec.stats import measure_verify_cost  # noqa: E402
+from fastdraft_ray.specdec.stats import measure_verify_cost
 
 
 def verify_curves(model, context: int, runs: int, threads: list[int], max_k: int) -> list[str]:
@@ -109,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     model, tokenizer = load_target(args.target)
     header = [
-        f"# bench_verify_curve {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()}, "
+        f"# bench_verify_curve {harness.now()} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} at start",
         f"target {args.target}, fp32",
     ]

@@ -7,13 +7,17 @@ an unknown key or a value of the wrong type raises ``ConfigError`` naming the va
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
+
+from fastdraft_ray.stage_graph import SPEED_ONLY, TRAINING, StageError, expand
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -29,9 +33,42 @@ def doc(default: Any, text: str) -> Any:
     return field(default=default, metadata={"doc": text})
 
 
+class Section:
+    """Base of every config section: it checks itself when built (``__post_init__``), its choice fields first and
+    then ``validate()``, so a recipe, a command-line override, ``dataclasses.replace`` and a section built in code
+    all meet the same checks at load time (``--dry-run`` included) instead of minutes into a run."""
+
+    prefix: ClassVar[str] = ""  # how messages name this section's keys, e.g. "train."
+
+    def __post_init__(self) -> None:
+        check_choices(self, self.prefix)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for a value out of its range or a combination that cannot run."""
+
+    def need(self, ok: bool, key: str, rule: str) -> None:
+        """``ConfigError("<prefix><key>=<value>: <rule>")`` unless ``ok``."""
+        if not ok:
+            raise ConfigError(f"{self.prefix}{key}={getattr(self, key)!r}: {rule}")
+
+    def positive(self, *keys: str, minimum: float = 1) -> None:
+        """Each of ``keys`` must be at least ``minimum``."""
+        for key in keys:
+            self.need(getattr(self, key) >= minimum, key, f"must be >= {minimum:g}")
+
+
+def _numbers(values: Any, minimum: float = 0) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= minimum for v in values
+    )
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The target model whose draft we train."""
+
+    prefix = "model."
 
     target: str = doc(
         "embedded:smollm2-135m-instruct", "Target: hub id, local HF folder, .gguf file, or embedded:<name>."
@@ -41,10 +78,17 @@ class ModelConfig:
     )
     trust_remote_code: bool = doc(False, "Allow custom modelling code shipped with a hub model.")
 
+    def validate(self) -> None:
+        self.need(
+            bool(self.target.strip()), "target", "name a hub id, a local folder, a .gguf file or embedded:<name>"
+        )
+
 
 @dataclass
-class DraftConfig:
+class DraftConfig(Section):
     """Shape of the draft derived from the target (same family, vocabulary, special tokens and rope)."""
+
+    prefix = "draft."
 
     num_layers: int = doc(4, "Transformer blocks in the draft.")
     hidden_size: int = doc(256, "Hidden width of the draft.")
@@ -70,10 +114,28 @@ class DraftConfig:
     )
     init_layers: list = doc([], "init=layers: target layer indices to copy; empty = num_layers evenly spaced.")
 
+    def validate(self) -> None:
+        self.need(self.params_budget is None or self.params_budget > 0, "params_budget", "must be > 0 (or null)")
+        self.need(self.head_vocab >= 0, "head_vocab", "must be >= 0 (0 = the full vocabulary)")
+        self.need(_numbers(self.init_layers) and all(isinstance(i, int) for i in self.init_layers),
+                  "init_layers", "must list target layer indices (integers >= 0)")  # fmt: skip
+        if self.params_budget is None and self.init != "layers":  # widths as given (not picked, not the target's)
+            self.positive("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+            self.need(
+                self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}"
+            )
+            self.need(
+                self.hidden_size % self.num_heads == 0,
+                "hidden_size",
+                f"must be divisible by num_heads={self.num_heads}",
+            )
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Corpora, mixtures and packing."""
+
+    prefix = "data."
 
     sources: dict = doc(
         {"text": "embedded:text"}, "Named sources: name -> spec (hub:<id>, file glob, embedded:<name>)."
@@ -92,12 +154,26 @@ class DataConfig:
     tokenizer_actor_cpus: float = doc(1.0, "CPUs reserved per tokenizer actor (lowered to fit small clusters).")
     max_buffer_mb: int = doc(256, "Object-store MB the prepare pipeline may run ahead of the packer.")
 
+    def validate(self) -> None:
+        self.need(bool(self.sources) and all(isinstance(v, str) and v for v in self.sources.values()),
+                  "sources", "must name at least one source: {name: spec}")  # fmt: skip
+        unknown = sorted(set(self.weights) - set(self.sources))
+        self.need(not unknown, "weights", f"names {unknown}, which are not sources ({', '.join(self.sources)})")
+        self.need(_numbers(list(self.weights.values())) and (not self.weights or sum(self.weights.values()) > 0),
+                  "weights", "must be non-negative numbers with a positive sum")  # fmt: skip
+        self.positive("token_budget", "seq_len", "rows_per_shard", "num_tokenizer_actors", "tokenize_batch_size")
+        self.positive("max_buffer_mb")
+        self.need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
+        self.need(self.tokenizer_actor_cpus > 0, "tokenizer_actor_cpus", "must be > 0")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Ray Train + DeepSpeed training of the draft."""
 
-    stage: Literal["pt", "cp", "ft"] = doc(
+    prefix = "train."
+
+    stage: Literal[TRAINING] = doc(
         "pt", "Stage: pt (pre-train), cp (continued pre-train) or ft (distillation fine-tune)."
     )
     num_workers: int = doc(2, "Ray Train workers.")
@@ -150,10 +226,31 @@ class TrainConfig:
     proxy_topk: int = doc(32, "Training proxy: target log-probs kept per position (top-k).")
     proxy_temperature: float = doc(0.6, "Training proxy: temperature of proxy_acceptance (the paper's T = 0.6).")
 
+    def validate(self) -> None:
+        self.positive("num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum_steps", "token_budget")
+        self.positive("eval_every", "checkpoint_every", "log_every", "checkpoints_to_keep")
+        self.positive("warmup_steps", "val_rows", "teacher_topk", "proxy_every", minimum=0)
+        self.need(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        self.need(self.precision != "fp16", "precision", "fp16 needs loss scaling; use bf16 (or fp32)")
+        self.need(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage 1-3")
+        self.need(self.lr > 0, "lr", "must be > 0")
+        self.need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        self.need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self.need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 = no clipping)")
+        self.need(self.max_failures >= -1, "max_failures", "must be >= 0 (-1 = retry forever)")
+        self.need(0 <= self.kd_alpha <= 1, "kd_alpha", "must be in [0, 1]")
+        self.need(self.teacher != "online" or self.kd_loss != "ce", "kd_loss",
+                  "train.teacher=online needs kd_loss = kl, tvd, ce_kl or ce_tvd (ce ignores the teacher)")  # fmt: skip
+        if self.proxy_every:
+            self.positive("proxy_prompts_per_task", "proxy_tokens", "proxy_topk")
+            self.need(self.proxy_temperature > 0, "proxy_temperature", "must be > 0")
+
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Section):
     """Target-generated distillation data (jobs/generate.py) -> ``<run_dir>/kd``."""
+
+    prefix = "generate."
 
     prompt_sources: dict = doc(
         {"alpaca": "embedded:alpaca", "sharegpt": "embedded:sharegpt"},
@@ -183,15 +280,29 @@ class GenerateConfig:
         0.0, "On-policy share (DistillSpec): prompts answered by the draft and scored by the target."
     )
     onpolicy_draft: str = doc(
-        "", "Draft that writes the on-policy responses; empty = the draft FT starts from (<run_dir>/cp/export)."
+        "", "Draft that writes the on-policy responses; empty = the draft FT starts from (its upstream export)."
     )
+
+    def validate(self) -> None:
+        self.need(_numbers(self.temperatures) and bool(self.temperatures), "temperatures",
+                  "must list temperatures >= 0 (0.0 = greedy)")  # fmt: skip
+        self.positive("num_prompts", "magpie_prompts", "min_prompt_chars", "topk_logprobs", minimum=0)
+        self.positive("magpie_max_tokens", "max_new_tokens", "max_prompt_tokens", "batch_size", "shard_prompts")
+        self.positive("num_actors", "cpus_per_actor")
+        self.need(self.num_prompts + self.magpie_prompts > 0, "num_prompts", "and magpie_prompts are both 0")
+        self.need(not self.num_prompts or bool(self.prompt_sources), "prompt_sources", "is empty")
+        self.need(self.magpie_temperature > 0, "magpie_temperature", "must be > 0")
+        self.need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.need(0 <= self.onpolicy_fraction <= 1, "onpolicy_fraction", "must be in [0, 1]")
+        self.need(self.backend != "vllm" or not self.onpolicy_fraction, "onpolicy_fraction",
+                  "on-policy rows are written by backend=hf only")  # fmt: skip
 
 
 PRECISION_CHOICES = Literal["", "fp32", "bf16", "fp16", "int8"]
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Section):
     """How the target+draft pair decodes (``specdec.engine.SpecDecoder``): precision, gamma policy, sampling and
     stopping. The one settings section evaluation, benchmarks, the search and the server read; ``evaluate`` and
     ``serve`` extend it, so ``evaluate.gamma`` and ``serve.gamma`` are the same field of the same type."""
@@ -222,10 +333,25 @@ class DecodeConfig:
         "< 0 = unknown (optimistic prior).",
     )
 
+    prefix = "decode."
+
+    def validate(self) -> None:
+        self.positive("gamma", "max_gamma")
+        self.need(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        self.need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.need(0 <= self.confidence_threshold < 1, "confidence_threshold", "must be in [0, 1)")
+        self.need(self.prior_alpha <= 1, "prior_alpha", "must be in [0, 1] (or < 0: unknown)")
+
+
+MODES = ("sampling", "greedy")  # decoding modes of an evaluation
+BASELINES = ("prompt_lookup", "assisted")  # evaluate.baselines: transformers' own speculative paths
+
 
 @dataclass
 class EvaluateConfig(DecodeConfig):
     """Speculative-decoding evaluation of drafts against the target (decoding keys: ``DecodeConfig``)."""
+
+    prefix = "evaluate."
 
     drafts: list = doc([], "Draft HF folders to evaluate.")
     tasks: list = doc(["summarization", "story", "instruction", "code"], "Task families.")
@@ -258,9 +384,61 @@ class EvaluateConfig(DecodeConfig):
         "token ids and per-prompt seeds go over HTTP (API key: $FASTDRAFT_API_KEY); '' = in this process.",
     )
 
+    def validate(self) -> None:
+        super().validate()
+        self.need(bool(self.modes) and set(self.modes) <= set(MODES), "modes", f"choose from {', '.join(MODES)}")
+        self.need("sampling" not in self.modes or self.temperature > 0, "temperature",
+                  "sampling mode needs evaluate.temperature > 0 (greedy is its own mode)")  # fmt: skip
+        self.positive("num_workers", "max_new_tokens", "prompts_per_task", "max_article_tokens")
+        self.positive("cpus_per_worker", "calibration_prompts_per_task", minimum=0)
+        self.need(bool(self.tasks), "tasks", "is empty")
+        self.need(_numbers(self.gamma_select, 1) and all(isinstance(g, int) for g in self.gamma_select),
+                  "gamma_select", "must list gammas >= 1")  # fmt: skip
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        self.need(not unknown, "baselines", f"unknown {unknown}; choose from {', '.join(BASELINES)}")
+        self.need(not self.baselines or ("greedy" in self.modes and not self.endpoint), "baselines",
+                  "run in-process on the greedy mode: needs 'greedy' in evaluate.modes and no evaluate.endpoint")  # fmt: skip
+        self.need(not (self.gamma_select and self.endpoint), "gamma_select",
+                  "prices gammas with latencies measured in-process; with evaluate.endpoint set it to [] and name "
+                  "the gamma (evaluate.gamma)")  # fmt: skip
+        self.need(not self.gamma_select or self.calibration_prompts_per_task >= 1, "calibration_prompts_per_task",
+                  "evaluate.gamma_select needs at least 1 calibration prompt per task")  # fmt: skip
+        self.need(not (self.use_gpu and "int8" in (self.precision, self.draft_precision)), "precision",
+                  "int8 (dynamic quantisation) runs on CPU only: use bf16 with use_gpu")  # fmt: skip
+
+
+# What every search trial reports (search/objective.py): the keys search.metric and search.objectives may name.
+SEARCH_TRAIN_KEYS = (
+    "step",
+    "train/loss",
+    "val/loss",
+    "train/proxy_acceptance",
+    "train/proxy_top1",
+    "train/predicted_speedup",
+    "train/predicted_speedup_greedy",
+    "train/predicted_gamma",
+)
+SEARCH_FINAL_KEYS = (
+    "search/params",
+    "search/non_embedding_params",
+    "search/draft_step_ms",
+    "search/c",
+    "search/mbsu",
+    "search/train_s",
+    "search/measured_speedup",
+    "search/measured_alpha_per_token",
+    "search/measured_gamma",
+)
+SEARCH_MEASURED = ("speedup", "speedup_lo", "speedup_hi", "alpha_per_token")  # per mode: search/<mode>/<key>
+
+
+def search_reported_keys(modes: list[str]) -> list[str]:
+    """Every metric key a search trial reports (the keys ``search.metric`` and ``search.objectives`` may name)."""
+    return [*SEARCH_TRAIN_KEYS, *SEARCH_FINAL_KEYS, *(f"search/{m}/{k}" for m in modes for k in SEARCH_MEASURED)]
+
 
 @dataclass
-class SearchConfig:
+class SearchConfig(Section):
     """Ray Tune search over the draft's architecture (``fastdraft_ray.search``, ``jobs/search.py``): each trial
     trains one shape briefly through the training stack and is ranked by the speedup its proxy acceptance and its
     measured latency predict; the winner is written as a recipe."""
@@ -324,6 +502,34 @@ class SearchConfig:
     eval_max_new_tokens: int = doc(32, "Tokens generated per prompt in a trial's measurement.")
     eval_modes: list = doc(["sampling"], "Modes of a trial's measurement (sampling and/or greedy).")
 
+    prefix = "search."
+
+    def validate(self) -> None:
+        for key in ("layers", "hidden_sizes", "gqa_groups", "intermediate_ratios", "head_vocabs"):
+            self.need(_numbers(getattr(self, key)), key, "must be a list of non-negative numbers")
+        self.need(bool(self.inits or self.target_layers), "inits", "and search.target_layers are both empty")
+        bad = sorted(set(self.inits) - {"random", "pca"})
+        self.need(not bad, "inits", "choose from random, pca (target-layer drafts: search.target_layers)")
+        self.need(bool(self.eval_modes) and set(self.eval_modes) <= set(MODES), "eval_modes",
+                  f"choose from {', '.join(MODES)}")  # fmt: skip
+        self.positive("num_samples", "token_budget_per_trial", "report_every", "num_workers", "cpus_per_worker")
+        self.positive("grace_steps", "threads", "latency_repeats", "latency_context", "eval_prompts_per_task")
+        self.positive("eval_max_new_tokens")
+        self.positive("reduction_factor", minimum=2)
+        self.positive("max_concurrent_trials", "min_params", minimum=0)
+        self.need(
+            self.params_budget > self.min_params, "params_budget", f"must exceed min_params={self.min_params}"
+        )
+        self.need(
+            not self.objectives or self.algorithm == "optuna",
+            "objectives",
+            "several at once need algorithm=optuna",
+        )
+        known = search_reported_keys(self.eval_modes)
+        for key in ("metric", "objectives"):
+            wrong = [k for k in ([self.metric] if key == "metric" else self.objectives) if k not in known]
+            self.need(not wrong, key, f"{wrong} is not a key any trial reports; choose from {', '.join(known)}")
+
 
 @dataclass
 class ServeConfig(DecodeConfig):
@@ -347,15 +553,33 @@ class ServeConfig(DecodeConfig):
     )
     retry_after_s: int = doc(2, "Retry-After seconds sent with a 503 (queue full).")
     autoscaling: dict = doc({}, "Ray Serve autoscaling_config of the decoder ({} = fixed num_replicas).")
-    api_keys: list = doc([], "Accepted API keys (Authorization: Bearer KEY); [] = no authentication.")
+    api_keys: list = doc(
+        [],
+        "Accepted API keys (Authorization: Bearer KEY), as strings (quote a key that looks numeric); [] = none.",
+    )
     max_prompt_tokens: int = doc(2048, "Longest prompt accepted, in target tokens (longer: 400).")
-    max_new_tokens: int = doc(512, "Largest max_tokens a request may ask for (larger: 400).")
+    max_tokens_limit: int = doc(512, "Largest max_tokens a request may ask for (larger: 400).")
     default_max_tokens: int = doc(128, "max_tokens of a request that omits it.")
+
+    prefix = "serve."
+
+    def validate(self) -> None:
+        super().validate()
+        self.need(1 <= self.port <= 65535, "port", "must be a TCP port, 1..65535")
+        self.positive("num_replicas", "max_ongoing_requests", "max_prompt_tokens", "max_tokens_limit")
+        self.positive("cpus_per_replica", "gpus_per_replica", "threads", "retry_after_s", minimum=0)
+        self.positive("max_queued_requests", minimum=-1)
+        self.need(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
+                  f"must be in 1..serve.max_tokens_limit ({self.max_tokens_limit})")  # fmt: skip
+        self.need(all(isinstance(k, str) and k for k in self.api_keys), "api_keys",
+                  "must be non-empty strings: quote a key that looks like a number (YAML reads 0123 as 83)")  # fmt: skip
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     """The whole run as one job (jobs/pipeline.py): prepare -> pt -> cp -> generate -> ft -> evaluate -> report."""
+
+    prefix = "pipeline."
 
     stages: list = doc(
         ["prepare", "pt", "cp", "generate", "ft", "evaluate"],
@@ -367,10 +591,19 @@ class PipelineConfig:
     )
     force: list = doc([], "Stages to re-run from scratch even when finished with the same settings and inputs.")
 
+    def validate(self) -> None:
+        for key in ("stages", "force"):
+            try:
+                expand(getattr(self, key))
+            except StageError as exc:
+                raise ConfigError(f"pipeline.{key}: {exc}") from None
+        wrong = [s for s in self.evaluate_drafts if s not in TRAINING]
+        self.need(not wrong, "evaluate_drafts", f"{wrong} are not training stages ({', '.join(TRAINING)})")
+
 
 @dataclass
-class RunConfig:
-    """A whole run: where it lives and every stage's settings."""
+class FastDraftConfig(Section):
+    """A whole run: where it lives and every stage's settings (``stages``: per training stage overrides)."""
 
     run_name: str = doc("default", "Run directory name under storage.")
     storage: str = doc("runs", "Root of run directories: local path, NFS or s3://.")
@@ -384,6 +617,47 @@ class RunConfig:
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"doc": "Serving."})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"doc": "The one-job pipeline."})
     stages: dict = doc({}, "Per-stage overrides: stage (pt, cp, ft) -> {dotted.key: value}; see stage_config().")
+
+    def validate(self) -> None:
+        self.need(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a folder name (no '/')")
+        self.need(bool(self.storage), "storage", "must name the root of the run directories")
+        wrong = sorted(set(self.stages) - set(TRAINING))
+        self.need(not wrong, "stages", f"{wrong}: per-stage overrides exist for {', '.join(TRAINING)} only")
+
+
+def _renamed(data: dict) -> dict:
+    """``data`` with each deprecated key (``RENAMED``) moved to its new name, saying so once per key."""
+    for old, new in RENAMED.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section][new.split(".")[1]] = data[section].pop(key)
+            message = (
+                f"config key {old} is deprecated: it is called {new} now (the old name goes in the next release)"
+            )
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+            logging.getLogger(__name__).warning(message)
+    return data
+
+
+RENAMED = {"serve.max_new_tokens": "serve.max_tokens_limit"}  # old key -> new key, kept one release
+
+
+def check_run(cfg: FastDraftConfig) -> FastDraftConfig:
+    """The checks that span sections or per-stage settings (each section checks itself when built): every
+    ``stages.<stage>`` applies, and on-policy KD rows have the soft FT loss they need."""
+    for stage in cfg.stages:
+        try:
+            stage_config(cfg, stage)
+        except ConfigError as exc:  # an unknown key, a wrong type or a bad value among the stage's overrides
+            raise ConfigError(f"stages.{stage}: {exc}") from None
+    g, ft_loss = cfg.generate, stage_config(cfg, "ft").train.kd_loss
+    if g.onpolicy_fraction > 0 and (g.topk_logprobs <= 0 or ft_loss == "ce"):
+        raise ConfigError(
+            f"generate.onpolicy_fraction={g.onpolicy_fraction}: on-policy rows are learned from the target's scores "
+            f"only (no CE on draft-written tokens), so set generate.topk_logprobs > 0 (now {g.topk_logprobs}) and a "
+            f"soft FT loss, e.g. stages.ft.train.kd_loss=kl or ce_kl (now {ft_loss})"
+        )
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -536,7 +810,7 @@ def _read_recipe(recipe: str, seen: tuple[str, ...] = ()) -> dict:
     return _merge(_read_recipe(base, (*seen, str(path))), data) if base else data
 
 
-def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None = None) -> RunConfig:
+def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None = None) -> FastDraftConfig:
     """Load a recipe (shipped name or YAML path), apply ``key.sub=value`` overrides, validate strictly.
 
     A recipe may start with ``extends: <recipe>`` to change only some keys of another one. An override wins over
@@ -544,10 +818,10 @@ def load_config(recipe: str | None = "cpu_default", overrides: list[str] | None 
     """
     data = _read_recipe(recipe) if recipe else {}
     data = _drop_stage_keys(_merge(data, parse_overrides(overrides or [])), overrides or [])
-    return _validate_stages(_build(RunConfig, data))
+    return check_run(_build(FastDraftConfig, _renamed(data)))
 
 
-def stage_config(cfg: RunConfig, stage: str) -> RunConfig:
+def stage_config(cfg: FastDraftConfig, stage: str) -> FastDraftConfig:
     """``cfg`` with ``cfg.stages[stage]`` applied (e.g. CP's code:text mixture and token budget)."""
     overrides = cfg.stages.get(stage, {})
     if not isinstance(overrides, dict):
@@ -558,13 +832,7 @@ def stage_config(cfg: RunConfig, stage: str) -> RunConfig:
             raise ConfigError(f"stages.{stage}: {key} cannot be overridden per stage")
         _set_dotted(data, key, value)
     data["train"]["stage"] = stage
-    return _build(RunConfig, data)
-
-
-def _validate_stages(cfg: RunConfig) -> RunConfig:
-    for stage in cfg.stages:
-        stage_config(cfg, stage)  # raises ConfigError on an unknown key or a wrong type
-    return cfg
+    return _build(FastDraftConfig, data)
 
 
 def check_choices(section: Any, prefix: str = "") -> None:
@@ -576,9 +844,11 @@ def check_choices(section: Any, prefix: str = "") -> None:
             _coerce(getattr(section, f.name), hints[f.name], prefix + f.name)
 
 
-def config_from_dict(data: dict) -> RunConfig:
-    """Validate a plain dict (e.g. read back from DONE.json) into a ``RunConfig``."""
-    return _validate_stages(_build(RunConfig, data))
+def config_from_dict(data: dict) -> FastDraftConfig:
+    """A plain dict (``to_dict`` of a config, e.g. read back from DONE.json) as a ``FastDraftConfig``; each
+    section checks itself. The per-stage checks of ``check_run`` are left out: a stage's record holds that stage's
+    config, with its ``stages`` overrides already applied, where another stage's overrides need not apply."""
+    return _build(FastDraftConfig, _renamed(data))
 
 
 def to_dict(cfg: Any) -> dict:
@@ -586,7 +856,7 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def describe(cls: type = RunConfig, prefix: str = "") -> str:
+def describe(cls: type = FastDraftConfig, prefix: str = "") -> str:
     """One line per key: ``key = default  # doc``."""
     lines = []
     hints = typing.get_type_hints(cls)
@@ -600,35 +870,13 @@ def describe(cls: type = RunConfig, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-# Keys that change how fast a stage runs, not what it produces: a finished stage is reused across them.
-RUNTIME_KEYS = {
-    "data": ("output", "num_tokenizer_actors", "tokenizer_actor_cpus", "tokenize_batch_size", "max_buffer_mb"),
-    "train": (
-        "max_failures",
-        "log_every",
-        "checkpoints_to_keep",
-        "checkpoint_every",
-        "eval_every",  # the final val/loss is computed at the last step whatever eval_every is
-        "worker_resources",
-        "proxy_every",  # the training proxy only measures: it never changes the weights
-        "proxy_prompts_per_task",
-        "proxy_tokens",
-        "proxy_topk",
-        "proxy_temperature",
-    ),
-    "generate": ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend", "output"),  # as check_config
-    "evaluate": ("drafts",),
-    "search": ("max_concurrent_trials", "device_profile"),
-}
-
-
 def section_settings(obj, section: str) -> dict:
-    """A config section (dataclass or dict) as a dict without its speed-only keys (``RUNTIME_KEYS``)."""
+    """A config section (dataclass or dict) as a dict without its speed-only keys (``stage_graph.SPEED_ONLY``)."""
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    return {k: v for k, v in data.items() if k not in RUNTIME_KEYS.get(section, ())}
+    return {k: v for k, v in data.items() if k not in SPEED_ONLY.get(section, ())}
 
 
-def training_settings(cfg: RunConfig) -> dict:
+def training_settings(cfg: FastDraftConfig) -> dict:
     """What a training stage's result depends on: model, draft, data and train settings (speed-only keys out)."""
     return {
         "model": to_dict(cfg.model),

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fastdraft_ray.stage_graph import TRAINING
+
 if TYPE_CHECKING:
-    from fastdraft_ray.config import DataConfig, RunConfig
+    from fastdraft_ray.config import DataConfig, FastDraftConfig
 
 Location = Path | str  # Path for a local/NFS run directory, str for an fsspec URL
-TRAINING_STAGES = ("pt", "cp", "ft")
 KD_RESPONSES_GLOB = "responses/*/part-*.parquet"
 KD_MAGPIE_GLOB = "magpie/part-*.parquet"
 DONE = "DONE.json"  # every stage's completion record, written last
@@ -173,7 +174,7 @@ class RunLayout:
     kd_output: str = ""  # generate.output ('' = kd/)
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> RunLayout:
+    def of(cls, cfg: FastDraftConfig) -> RunLayout:
         """The layout of ``cfg``'s run directory ``<storage>/<run_name>``."""
         return cls(_local(f"{cfg.storage.rstrip('/')}/{cfg.run_name}"), cfg.data.output, cfg.generate.output)
 
@@ -221,8 +222,8 @@ class RunLayout:
 
     def stage(self, stage: str) -> StageLayout:
         """The folder of training stage ``stage`` (pt, cp, ft)."""
-        if stage not in TRAINING_STAGES:
-            raise LayoutError(f"{stage!r} is not a training stage; choose from {', '.join(TRAINING_STAGES)}")
+        if stage not in TRAINING:
+            raise LayoutError(f"{stage!r} is not a training stage; choose from {', '.join(TRAINING)}")
         return StageLayout(self._path(stage))
 
     @property

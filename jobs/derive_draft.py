@@ -6,12 +6,16 @@ python jobs/derive_draft.py --config cpu_default [draft.num_layers=2 ...]
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 
-from fastdraft_ray.cli import parse_job_args, setup_logging
-from fastdraft_ray.layout import RunLayout
-from fastdraft_ray.models.draft import check_compatible, count_params, new_draft, param_bytes, save_draft
-from fastdraft_ray.models.target import load_target
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from the working dir, installed or not
+
+from fastdraft_ray.cli import parse_job_args, setup_logging  # noqa: E402
+from fastdraft_ray.layout import RunLayout  # noqa: E402
+from fastdraft_ray.models.draft import check_compatible, count_params, new_draft, param_bytes, save_draft  # noqa: E402
+from fastdraft_ray.models.target import load_target  # noqa: E402
 
 log = logging.getLogger("derive_draft")
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from the working dir, installed or not
 
-from fastdraft_ray.cli import parse_job_args, setup_logging  # noqa: E402
-from fastdraft_ray.pipeline.run import local_ray_resources, plan, run_pipeline  # noqa: E402
+from fastdraft_ray.cli import parse_job_args, run_stages  # noqa: E402
+from fastdraft_ray.pipeline.run import plan  # noqa: E402
 from fastdraft_ray.pipeline.stages import PipelineError  # noqa: E402
-from fastdraft_ray.ray_runtime import init_ray  # noqa: E402
 
 
 def _arguments(parser) -> None:
@@ -28,19 +27,16 @@ def _arguments(parser) -> None:
 
 def main() -> None:
     cfg, args = parse_job_args(__doc__, add_arguments=_arguments)
-    setup_logging()
+    if not args.dry_run:
+        result = run_stages(cfg)
+        if result.report:
+            print(f"report: {result.report} (+ results.csv, acceptance.png, loss_curve.png)")
+        return
     try:
-        if args.dry_run:
-            for stage, action, reason in plan(cfg):
-                print(f"{stage:<12} {action:<7} {reason}")
-            return
-        init_ray(**local_ray_resources(cfg))  # RAY_ADDRESS (set by `ray job submit`) or a local Ray
-        result = run_pipeline(cfg)
+        for stage, action, reason in plan(cfg):
+            print(f"{stage:<12} {action:<7} {reason}")
     except PipelineError as exc:
-        raise SystemExit(f"pipeline error: {exc}") from exc
-    print(f"run directory: {result.run_dir}")
-    if result.report:
-        print(f"report: {result.report} (+ results.csv, acceptance.png, loss_curve.png)")
+        raise SystemExit(f"pipeline error: {exc}") from None
 
 
 if __name__ == "__main__":

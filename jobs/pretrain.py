@@ -4,52 +4,36 @@
     python jobs/pretrain.py --config cpu_default --stage cp      # starts from <run_dir>/pt/export
     ray job submit --working-dir . -- python jobs/pretrain.py --config cpu_default --stage pt
 
-Data: the stage's prepared shards (jobs/prepare_data.py): --data DIR, else data.output, else
-<run_dir>/data/<data.name> after the stage's overrides (``stages.<stage>`` in the recipe). Re-running resumes from
-the stage's last checkpoint; a finished stage (DONE.json with the same config) is skipped.
+The pipeline's own PT / CP stage (jobs/pipeline.py with one stage): it trains on the stage's prepared shards
+(jobs/prepare_data.py), resumes from the stage's last checkpoint, and is skipped when it finished with the same
+settings and inputs. --data and --init-from are short for stages.<stage>.data.output / draft.init_from.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import sys
 from pathlib import Path
 
-from fastdraft_ray.cli import parse_job_args, setup_logging
-from fastdraft_ray.config import stage_config
-from fastdraft_ray.layout import RunLayout
-from fastdraft_ray.train.run import completed_record, init_source, run_stage_job
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package from the working dir, installed or not
 
-log = logging.getLogger("pretrain")
+from fastdraft_ray.cli import parse_job_args, run_stages  # noqa: E402
+from fastdraft_ray.stage_graph import PRETRAINING  # noqa: E402
 
 
 def _arguments(parser) -> None:
-    parser.add_argument(
-        "--stage", choices=["pt", "cp"], required=True, help="pt: from scratch; cp: from PT export"
-    )
-    parser.add_argument("--data", help="prepared shard folder (default: from data.output / data.name)")
+    parser.add_argument("--stage", choices=PRETRAINING, required=True, help="pt: from scratch; cp: from PT")
+    parser.add_argument("--data", help="prepared shard folder (default: <run_dir>/data/<stage's data.name>)")
     parser.add_argument("--init-from", help="HF draft folder to start from (cp default: <run_dir>/pt/export)")
 
 
+def _flags(args) -> list[str]:
+    flags = [f"stages.{args.stage}.data.output={args.data}"] if args.data else []
+    return flags + ([f"stages.{args.stage}.draft.init_from={args.init_from}"] if args.init_from else [])
+
+
 def main() -> None:
-    cfg, args = parse_job_args(__doc__, add_arguments=_arguments)
-    setup_logging()
-    cfg = stage_config(cfg, args.stage)
-    layout = RunLayout.of(cfg)
-    data_dir = args.data or str(layout.data(cfg.data))
-    init_from = args.init_from or init_source(cfg, args.stage)
-    if args.stage == "cp" and not Path(init_from, "config.json").exists():
-        raise SystemExit(
-            f"CP starts from {init_from} (the PT export by default), which is not an HF draft folder: "
-            "run --stage pt first (or pass --init-from DIR)"
-        )
-    done = completed_record(cfg)
-    if done is not None:
-        print(
-            f"stage {args.stage} already done: {layout.stage(args.stage).done}; metrics {json.dumps(done['metrics'])}"
-        )
-        return
-    run_stage_job(cfg, data_dir, init_from)
+    cfg, args = parse_job_args(__doc__, add_arguments=_arguments, flag_overrides=_flags)
+    run_stages(cfg, only=[args.stage])
 
 
 if __name__ == "__main__":

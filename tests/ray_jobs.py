@@ -21,10 +21,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def job_cluster(head_cpus: int = 3, node_cpus: tuple[int, ...] = ()):
-    """A job client of a private Ray head with ``head_cpus`` (dashboard and dashboard agent on free ports: a taken
-    agent port, e.g. 52365 of another Ray on this machine, would silently disable job submission), plus one more
-    node per entry of ``node_cpus`` (a ``ray.cluster_utils.Cluster``); torn down on exit."""
+def job_cluster(head_cpus: int = 3):
+    """A job client of a private one-node Ray head with ``head_cpus`` (dashboard and dashboard agent on free ports:
+    a taken agent port, e.g. 52365 of another Ray on this machine, would silently disable job submission); torn down
+    on exit. One node: a second raylet of a ``ray.cluster_utils.Cluster`` shares the head's session folder, and when
+    it sets up a job's working_dir it replaces the folder the job's driver runs in (the driver's cwd goes stale:
+    ``os.getcwd()`` fails, lazy imports and MKL's loader break). Jobs on two nodes run in tests/test_two_nodes.py,
+    each node in its own network namespace with its own temp folder."""
     from ray.cluster_utils import Cluster
     from ray.job_submission import JobSubmissionClient
 
@@ -32,8 +35,6 @@ def job_cluster(head_cpus: int = 3, node_cpus: tuple[int, ...] = ()):
     head = {"num_cpus": head_cpus, "include_dashboard": True, "dashboard_port": port}
     cluster = Cluster(initialize_head=True, head_node_args={**head, "dashboard_agent_listen_port": free_port()})
     try:
-        for cpus in node_cpus:
-            cluster.add_node(num_cpus=cpus)
         cluster.wait_for_nodes()
         yield JobSubmissionClient(f"http://127.0.0.1:{port}")
     finally:

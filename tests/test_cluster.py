@@ -14,7 +14,7 @@ import ray
 import yaml
 from ray.runtime_env import RuntimeEnv, RuntimeEnvConfig
 
-from fastdraft_ray.config import RunConfig, load_config, stage_config
+from fastdraft_ray.config import FastDraftConfig, load_config, stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -34,7 +34,7 @@ def _recipes_named(text: str) -> list[str]:
     return sorted(set(RECIPE_RE.findall(text)))
 
 
-def _needed_gpus(cfg: RunConfig) -> int:
+def _needed_gpus(cfg: FastDraftConfig) -> int:
     """GPUs the pipeline of ``cfg`` asks for at once: training workers, vLLM/HF generators, evaluators."""
     stages = [stage_config(cfg, s) for s in ("pt", "cp", "ft")]
     train = max(s.train.num_workers for s in stages) if cfg.train.use_gpu else 0
@@ -179,7 +179,7 @@ def _pvc_name() -> str:
     return pvc["metadata"]["name"]
 
 
-def _check_entrypoint(entrypoint: str, gpus: int) -> RunConfig:
+def _check_entrypoint(entrypoint: str, gpus: int) -> FastDraftConfig:
     argv = shlex.split(entrypoint)
     assert argv[0] == "python" and argv[1].endswith("jobs/pipeline.py"), f"entrypoint {entrypoint!r}"
     rest = argv[2:]

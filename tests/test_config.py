@@ -7,7 +7,7 @@ import pytest
 from fastdraft_ray.config import (
     RECIPES_DIR,
     ConfigError,
-    RunConfig,
+    FastDraftConfig,
     config_from_dict,
     describe,
     load_config,
@@ -22,7 +22,7 @@ def test_every_shipped_recipe_loads():
     assert {"cpu_default", "phi3_mini_50m", "phi3_mini_120m", "llama31_8b_150m"} <= set(names)
     for name in names:
         cfg = load_config(name)
-        assert isinstance(cfg, RunConfig)
+        assert isinstance(cfg, FastDraftConfig)
         for stage in cfg.stages:
             stage_config(cfg, stage)
 
@@ -149,3 +149,61 @@ def test_evaluate_and_serve_share_the_decode_section():
     cfg = load_config("cpu_quick", ["evaluate.gamma=2", "serve.gamma_policy=cost"])
     assert isinstance(cfg.evaluate, DecodeConfig) and isinstance(cfg.serve, DecodeConfig)
     assert cfg.evaluate.gamma == 2 and cfg.serve.gamma_policy == "cost"
+
+
+# Every range and combination error that evaluate(), the stages or the training code used to raise at run time,
+# minutes into a run: `jobs/pipeline.py --dry-run` now refuses each at load time, naming the key.
+RUN_TIME_ERRORS = [
+    (["evaluate.modes=[beam]"], "evaluate.modes=['beam']: choose from sampling, greedy"),
+    (["evaluate.temperature=0"], "sampling mode needs evaluate.temperature > 0"),
+    (["evaluate.num_workers=0"], "evaluate.num_workers=0: must be >= 1"),
+    (["evaluate.gamma=0"], "evaluate.gamma=0: must be >= 1"),
+    (["evaluate.max_gamma=0"], "evaluate.max_gamma=0: must be >= 1"),
+    (["evaluate.max_new_tokens=0"], "evaluate.max_new_tokens=0: must be >= 1"),
+    (["evaluate.gamma_select=[0]"], "evaluate.gamma_select=[0]: must list gammas >= 1"),
+    (["evaluate.baselines=[medusa]"], "unknown ['medusa']; choose from prompt_lookup, assisted"),
+    (["evaluate.modes=[sampling]"], "needs 'greedy' in evaluate.modes"),  # cpu_quick evaluates baselines
+    (["evaluate.endpoint=http://127.0.0.1:8000", "evaluate.baselines=[]"], "prices gammas with latencies"),
+    (["evaluate.calibration_prompts_per_task=0"], "gamma_select needs at least 1 calibration prompt"),
+    (["evaluate.prior_alpha=1.5"], "evaluate.prior_alpha=1.5: must be in [0, 1]"),
+    (["evaluate.confidence_threshold=1.5"], "evaluate.confidence_threshold=1.5: must be in [0, 1)"),
+    (["evaluate.precision=int8", "evaluate.use_gpu=true"], "int8 (dynamic quantisation) runs on CPU only"),
+    (["evaluate.precision=int4"], "evaluate.precision: 'int4' is not one of"),
+    (["evaluate.gamma_policy=fastest"], "evaluate.gamma_policy: 'fastest' is not one of"),
+    (["generate.temperatures=[]"], "generate.temperatures=[]: must list temperatures >= 0"),
+    (["generate.temperatures=[-1]"], "generate.temperatures=[-1]: must list temperatures >= 0"),
+    (["generate.onpolicy_fraction=2"], "generate.onpolicy_fraction=2.0: must be in [0, 1]"),
+    (["generate.onpolicy_fraction=0.5"], "set generate.topk_logprobs > 0 (now 0)"),
+    (["generate.onpolicy_fraction=0.5", "generate.topk_logprobs=8"], "kd_loss=kl or ce_kl (now ce)"),
+    (["search.metric=eval/all/speedup"], "is not a key any trial reports"),
+    (["search.eval_modes=[beam]"], "search.eval_modes=['beam']: choose from sampling, greedy"),
+    (["search.num_samples=0"], "search.num_samples=0: must be >= 1"),
+    (["search.objectives=[train/loss]"], "several at once need algorithm=optuna"),
+    (["search.inits=[svd]"], "search.inits=['svd']: choose from random, pca"),
+    (["search.inits=[]"], "search.inits=[]: and search.target_layers are both empty"),
+    (["train.zero_stage=4"], "train.zero_stage=4: must be 0, 1, 2 or 3"),
+    (["train.precision=fp16"], "train.precision='fp16': fp16 needs loss scaling"),
+    (["train.zero_stage=0", "train.offload_optimizer=true"], "offload_optimizer=True: needs zero_stage 1-3"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be >= 1"),
+    (["train.teacher=online"], "train.teacher=online needs kd_loss"),
+    (["train.kd_alpha=2"], "train.kd_alpha=2.0: must be in [0, 1]"),
+    (["stages.ft.train.lr=0"], "stages.ft: train.lr=0.0: must be > 0"),
+    (["data.seq_len=0"], "data.seq_len=0: must be >= 1"),
+    (["data.val_fraction=1"], "data.val_fraction=1.0: must be in [0, 1)"),
+    (["data.weights={code: 1}"], "names ['code'], which are not sources"),
+    (["draft.num_kv_heads=3"], "draft.num_kv_heads=3: must divide num_heads=4"),
+    (["pipeline.stages=[prepare, bogus]"], "unknown pipeline stage 'bogus'"),
+    (["pipeline.evaluate_drafts=[generate]"], "['generate'] are not training stages"),
+    (["serve.api_keys=[12345]"], "quote a key that looks like a number"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", RUN_TIME_ERRORS, ids=[" ".join(o) for o, _ in RUN_TIME_ERRORS])
+def test_dry_run_refuses_what_a_run_would_refuse(overrides, message, capsys, tmp_path):
+    from pathlib import Path
+
+    from tests.entry_points import run_as_main
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "pipeline.py"
+    assert run_as_main(job, ["--config", "cpu_quick", f"storage={tmp_path}", *overrides, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err

@@ -5,15 +5,14 @@ every config key the docs name exists, every relative link resolves, and nothing
 from __future__ import annotations
 
 import re
-import runpy
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from fastdraft_ray.config import RunConfig, load_config, valid_keys
+from fastdraft_ray.config import FastDraftConfig, load_config, valid_keys
+from tests.entry_points import run_as_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -22,7 +21,7 @@ DOCS = [
     ROOT / "cluster" / "README.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
-SECTIONS = {f.split(".")[0] for f in valid_keys(RunConfig)}
+SECTIONS = {f.split(".")[0] for f in valid_keys(FastDraftConfig)}
 JOB = re.compile(r"(?:^|\s)(?:python3?\s+)?(jobs/[\w./-]+\.py)\b(.*)")
 
 
@@ -63,16 +62,14 @@ def check_job_command(job: str, args: list[str], root: Path = ROOT) -> str | Non
         real(*a, **kw)  # exits 2 with the parser's message on a bad flag, key or value
         raise SystemExit(0)
 
-    uses_cli = "parse_job_args" in path.read_text()
-    argv_before, cli.parse_job_args = sys.argv, parse_then_stop
-    sys.argv = [str(path), *args] if uses_cli else [str(path), "--help"]
+    cli.parse_job_args = parse_then_stop
     try:
-        runpy.run_path(str(path), run_name="__main__")
-        return f"{job} {' '.join(args)}: did not stop after parsing its arguments"
-    except SystemExit as exc:
-        return None if exc.code in (0, None) else f"{job} {' '.join(args)}: exited with {exc.code}"
+        status = run_as_main(path, args if "parse_job_args" in path.read_text() else ["--help"])
     finally:
-        sys.argv, cli.parse_job_args = argv_before, real
+        cli.parse_job_args = real
+    if status == "returned":
+        return f"{job} {' '.join(args)}: did not stop after parsing its arguments"
+    return None if status in (0, None) else f"{job} {' '.join(args)}: exited with {status}"
 
 
 def named_keys(text: str) -> set[str]:
@@ -145,7 +142,7 @@ def test_recipes_in_the_docs_load(tmp_path):
 
 
 def test_every_config_key_the_docs_name_exists():
-    valid = set(valid_keys(RunConfig))
+    valid = set(valid_keys(FastDraftConfig))
     for doc in DOCS:
         missing = sorted(k for k in named_keys(doc.read_text()) if k not in valid)
         assert missing == [], f"{doc.relative_to(ROOT)} names keys that do not exist: {missing}"

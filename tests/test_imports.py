@@ -13,7 +13,7 @@ PACKAGE = "fastdraft_ray"
 
 # config/assets -> models -> data, specdec -> train -> distill -> evaluate -> search, serve -> pipeline -> jobs
 LEVELS = (
-    ("base", ("config", "assets", "layout", "ray_runtime")),  # one group: they may import each other
+    ("base", ("stage_graph", "config", "assets", "layout", "ray_runtime", "markdown")),  # may import each other
     ("models", ("models",)),
     ("data", ("data",)),
     ("specdec", ("specdec",)),
@@ -97,7 +97,7 @@ def test_a_wrong_import_is_caught(tmp_path):
         (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     (pkg / "train" / "bad.py").write_text(
-        "from fastdraft_ray.config import RunConfig\n"  # fine: downward
+        "from fastdraft_ray.config import FastDraftConfig\n"  # fine: downward
         "from fastdraft_ray.train import loop\n"  # fine: own package
         "def later():\n"
         "    from fastdraft_ray.evaluate.run import evaluate\n"  # upward, lazily

@@ -11,15 +11,21 @@ from types import SimpleNamespace
 import pytest
 
 from fastdraft_ray.assets import sha256_file
-from fastdraft_ray.config import load_config
+from fastdraft_ray.config import ConfigError, load_config
 from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT
 from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.pipeline.run import plan, resolve_run, run_pipeline, selected_stages
-from fastdraft_ray.pipeline.stages import ORDER, PipelineError, build_stage
+from fastdraft_ray.pipeline.stages import build_stage, init_source
+from fastdraft_ray.stage_graph import ORDER
 from tests.tiny_pipeline import tiny_recipe
 from tests.train.conftest import save_tiny_target
 
 TRAINED = ("pt", "cp", "ft")
+
+
+def stage(name: str, cfg):
+    """The pipeline's stage ``name`` of ``cfg`` as a run of ``cfg``'s own selection builds it."""
+    return build_stage(name, cfg, selected_stages(cfg))
 
 
 def _run(recipe: Path):
@@ -120,8 +126,8 @@ def test_stage_with_checkpoints_but_no_done_record_resumes(first_run):
 
 def test_stage_names_are_checked():
     assert selected_stages(load_config(None, ["pipeline.stages=[pt, search]"])) == ["search", "pt"]
-    with pytest.raises(PipelineError, match="unknown pipeline stage 'bogus'; choose from prepare, search, pt"):
-        selected_stages(load_config(None, ["pipeline.stages=[bogus]"]))
+    with pytest.raises(ConfigError, match="unknown pipeline stage 'bogus'; choose from prepare, search, pt"):
+        load_config(None, ["pipeline.stages=[bogus]"])
     assert selected_stages(load_config(None, ["pipeline.stages=[evaluate, prepare]"])) == [
         "prepare/pt",
         "prepare/cp",
@@ -131,25 +137,28 @@ def test_stage_names_are_checked():
 
 def test_pt_with_a_trimmed_head_counted_on_cp_data_depends_on_cp_data(tmp_path):
     base = [f"storage={tmp_path}", "draft.head_vocab=64"]
-    assert build_stage("pt", load_config("cpu_default", base)).inputs == ("prepare/pt", "prepare/cp")
+    assert stage("pt", load_config("cpu_default", base)).inputs == ("prepare/pt", "prepare/cp")
     plain = load_config("cpu_default", [*base, "draft.head_vocab_from="])
-    assert build_stage("pt", plain).inputs == ("prepare/pt",)
-    assert build_stage("cp", load_config("cpu_default", base)).inputs == ("prepare/cp", "pt")
+    assert stage("pt", plain).inputs == ("prepare/pt",)
+    assert stage("cp", load_config("cpu_default", base)).inputs == ("prepare/cp", "pt")
 
 
 def test_without_cp_ft_starts_from_pt(tmp_path):
     from fastdraft_ray.pipeline.report import stage_labels
-    from fastdraft_ray.train.run import init_source
 
     base = [f"storage={tmp_path}", "generate.onpolicy_fraction=0.5", "generate.topk_logprobs=8"]
     base += ["stages.ft.train.kd_loss=kl"]
     full = load_config("cpu_default", [*base, "pipeline.stages=[prepare, pt, cp, generate, ft, evaluate]"])
-    assert build_stage("ft", full).inputs == ("generate", "cp") and init_source(full, "ft").endswith("cp/export")
+    assert stage("ft", full).inputs == ("generate", "cp") and init_source(
+        full, "ft", selected_stages(full)
+    ).endswith("cp/export")
     no_cp = load_config("cpu_default", [*base, "pipeline.stages=[prepare, pt, generate, ft, evaluate]"])
-    assert build_stage("ft", no_cp).inputs == ("generate", "pt") and init_source(no_cp, "ft").endswith("pt/export")
-    assert build_stage("generate", no_cp).inputs == ("pt",)  # the on-policy rows' writer is FT's starting draft
+    assert stage("ft", no_cp).inputs == ("generate", "pt") and init_source(
+        no_cp, "ft", selected_stages(no_cp)
+    ).endswith("pt/export")
+    assert stage("generate", no_cp).inputs == ("pt",)  # the on-policy rows' writer is FT's starting draft
     only_ft = load_config("cpu_default", [*base, "pipeline.stages=[ft]"])  # re-running FT alone: still from CP
-    assert build_stage("ft", only_ft).inputs == ("generate", "cp")
+    assert stage("ft", only_ft).inputs == ("generate", "cp")
     # the report names each draft by the stages it went through
     assert stage_labels(no_cp)["ft"] == "PT→FT" and stage_labels(full)["ft"] == "PT→CP→FT"
 
@@ -160,12 +169,12 @@ def test_on_policy_rows_need_target_scores_and_a_soft_ft_loss(tmp_path):
         "generate.onpolicy_fraction=0.5",
         "pipeline.stages=[prepare, pt, cp, generate, ft]",
     ]
-    with pytest.raises(PipelineError, match="generate.topk_logprobs > 0 .* stages.ft.train.kd_loss=kl"):
-        build_stage("generate", load_config("cpu_default", base))
-    with pytest.raises(PipelineError, match=r"now ce\)"):
-        build_stage("generate", load_config("cpu_default", [*base, "generate.topk_logprobs=8"]))
+    with pytest.raises(ConfigError, match="generate.topk_logprobs > 0 .* stages.ft.train.kd_loss=kl"):
+        load_config("cpu_default", base)
+    with pytest.raises(ConfigError, match=r"now ce\)"):
+        load_config("cpu_default", [*base, "generate.topk_logprobs=8"])
     ok = load_config("cpu_default", [*base, "generate.topk_logprobs=8", "stages.ft.train.kd_loss=ce_kl"])
-    assert build_stage("generate", ok).inputs == ("cp",)  # the CP draft writes the on-policy rows
+    assert stage("generate", ok).inputs == ("cp",)  # the CP draft writes the on-policy rows
 
 
 def test_a_finished_search_gives_pt_its_best_shape(tmp_path):
@@ -181,6 +190,6 @@ def test_a_finished_search_gives_pt_its_best_shape(tmp_path):
     d = searched.draft
     assert (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.intermediate_size) == (3, 192, 3, 3, 384)
     assert d.head_vocab == 4096 and d.init == "pca" and d.head_vocab_from == cfg.draft.head_vocab_from
-    pt = build_stage("pt", searched)
-    assert pt.settings["draft"]["num_layers"] == 3 and build_stage("pt", cfg).settings["draft"]["num_layers"] == 2
-    assert build_stage("search", cfg).inputs == ("prepare/cp",)  # search.data = data/cp
+    pt = stage("pt", searched)
+    assert pt.settings["draft"]["num_layers"] == 3 and stage("pt", cfg).settings["draft"]["num_layers"] == 2
+    assert stage("search", cfg).inputs == ("prepare/cp",)  # search.data = data/cp

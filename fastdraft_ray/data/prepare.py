@@ -212,8 +212,6 @@ def prepare(
 
     t0 = time.time()
     out_dir = out_dir.rstrip("/")
-    if data.seq_len < 1 or data.rows_per_shard < 1 or not 0 <= data.val_fraction < 1:
-        raise PrepareError("need seq_len >= 1, rows_per_shard >= 1 and 0 <= val_fraction < 1")
     tok = load_tokenizer(tokenizer_spec, trust_remote_code)
     if tok.eos_token_id is None:
         raise PrepareError(f"tokenizer of {tokenizer_spec} has no EOS token to separate documents")

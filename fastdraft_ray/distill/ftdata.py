@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from fastdraft_ray.config import RunConfig
+from fastdraft_ray.config import FastDraftConfig
 from fastdraft_ray.data.packing import ShardWriter
 from fastdraft_ray.layout import KDLayout
 from fastdraft_ray.train.kd_rows import FORMAT, RowLayout
@@ -155,7 +155,7 @@ def kd_topk(kd_dir: Path) -> int:
     return next((len(r[0]) for r in first if r), 0)
 
 
-def build_ft_data(cfg: RunConfig, kd_dir: Path, data_dir: str | Path) -> dict:
+def build_ft_data(cfg: FastDraftConfig, kd_dir: Path, data_dir: str | Path) -> dict:
     """FT row shards from the KD folder (``cfg`` with the ``ft`` stage applied); returns their manifest."""
     from fastdraft_ray.models.target import load_tokenizer
 

@@ -37,10 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fastdraft_ray.config import RunConfig, to_dict
+from fastdraft_ray.config import FastDraftConfig, section_settings, to_dict
 from fastdraft_ray.distill.actor import GenerateActor, write_atomic
 from fastdraft_ray.layout import KDLayout, RunLayout
-from fastdraft_ray.train.run import upstream_stage
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +48,38 @@ def _seed(*parts) -> int:
     return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
 
 
-def check_config(kd: KDLayout, cfg: RunConfig) -> None:
+def kd_settings(cfg: FastDraftConfig) -> dict:
+    """What KD data depends on: the target, its dtype and the ``generate`` keys that change the rows (speed-only
+    keys such as the actor count or batch size may change when a run resumes)."""
+    return {
+        "target": cfg.model.target,
+        "dtype": cfg.model.dtype,
+        "generate": section_settings(cfg.generate, "generate"),
+    }
+
+
+def recorded_kd_settings(kd: KDLayout) -> dict | None:
+    """The settings a KD folder's ``config.json`` records (read as ``kd_settings`` compares them), None if none."""
+    if not kd.config.exists():
+        return None
+    have = json.loads(kd.config.read_text())
+    return {**have, "generate": section_settings(have.get("generate", {}), "generate")}
+
+
+def check_config(kd: KDLayout, cfg: FastDraftConfig) -> None:
     """Record the settings in the KD folder's ``config.json``; refuse a folder generated with other settings."""
-    wanted = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": to_dict(cfg.generate)}
-    for key in ("num_actors", "cpus_per_actor", "use_gpu", "batch_size", "backend"):  # may change on resume
-        wanted["generate"].pop(key)
-    path, out = kd.config, kd.root
-    if path.exists():
-        have = json.loads(path.read_text())
-        if have != wanted:
-            raise ValueError(
-                f"{out} holds KD data generated with other settings ({path}); use another generate.output "
-                "(or delete the folder) to generate with these"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=1))
+    have, wanted = recorded_kd_settings(kd), kd_settings(cfg)
+    if have is None:
+        kd.root.mkdir(parents=True, exist_ok=True)
+        kd.config.write_text(json.dumps(wanted, indent=1))
+    elif have != wanted:
+        raise ValueError(
+            f"{kd.root} holds KD data generated with other settings ({kd.config}); use another generate.output "
+            "(or delete the folder) to generate with these"
+        )
 
 
-def run_units(cfg: RunConfig, units: list[dict], draft: str | None) -> list[dict]:
+def run_units(cfg: FastDraftConfig, units: list[dict], draft: str | None) -> list[dict]:
     """Run units through the actor pool; returns one summary row per unit."""
     import ray
 
@@ -93,7 +105,7 @@ def run_units(cfg: RunConfig, units: list[dict], draft: str | None) -> list[dict
     return ds.take_all()
 
 
-def _magpie_phase(cfg: RunConfig, kd: KDLayout, tokenizer, max_units: int | None) -> list[str] | None:
+def _magpie_phase(cfg: FastDraftConfig, kd: KDLayout, tokenizer, max_units: int | None) -> list[str] | None:
     """Magpie instructions (oversampled 1.5x to survive filtering); None if interrupted by ``max_units``."""
     from fastdraft_ray.distill.magpie import prefix_ids
 
@@ -119,7 +131,7 @@ def _magpie_phase(cfg: RunConfig, kd: KDLayout, tokenizer, max_units: int | None
     return [t for u in units for t in pq.read_table(u["path"]).column("text").to_pylist()]
 
 
-def _prompt_table(cfg: RunConfig, tokenizer, magpie_texts: list[str]) -> pa.Table:
+def _prompt_table(cfg: FastDraftConfig, tokenizer, magpie_texts: list[str]) -> pa.Table:
     from fastdraft_ray.data.holdout import normalise
     from fastdraft_ray.distill.magpie import select_instructions
     from fastdraft_ray.distill.prompts import Prompt, encode_prompt, load_prompts
@@ -160,7 +172,7 @@ def _prompt_table(cfg: RunConfig, tokenizer, magpie_texts: list[str]) -> pa.Tabl
     )
 
 
-def response_units(cfg: RunConfig, kd: KDLayout, prompts: pa.Table) -> list[dict]:
+def response_units(cfg: FastDraftConfig, kd: KDLayout, prompts: pa.Table) -> list[dict]:
     """Every (writer, temperature, shard) unit of the run, in a fixed order."""
     g = cfg.generate
     rows = prompts.to_pylist()
@@ -185,23 +197,19 @@ def response_units(cfg: RunConfig, kd: KDLayout, prompts: pa.Table) -> list[dict
     return units
 
 
-def run_generation(cfg: RunConfig, *, max_units: int | None = None) -> dict:
+def run_generation(
+    cfg: FastDraftConfig, *, onpolicy_draft: str | None = None, max_units: int | None = None
+) -> dict:
     """Generate (or finish generating) the KD data of ``cfg``; returns the DONE.json record.
 
-    ``max_units`` stops after that many pending units (a controlled interruption; returns ``{"done": False}``).
+    ``onpolicy_draft``: the draft that writes on-policy rows when ``generate.onpolicy_draft`` names none (the
+    pipeline passes the export FT starts from). ``max_units`` stops after that many pending units (a controlled
+    interruption; returns ``{"done": False}``).
     """
     from fastdraft_ray.models.target import load_tokenizer
 
     g = cfg.generate
     started = time.time()
-    if g.backend not in ("hf", "vllm"):
-        raise ValueError(f"generate.backend must be hf or vllm, got {g.backend!r}")
-    if not g.temperatures or any(t < 0 for t in g.temperatures):
-        raise ValueError(f"generate.temperatures must be a non-empty list of values >= 0, got {g.temperatures}")
-    if not 0.0 <= g.onpolicy_fraction <= 1.0:
-        raise ValueError("generate.onpolicy_fraction must lie in [0, 1]")
-    if g.onpolicy_fraction > 0 and g.topk_logprobs <= 0:
-        raise ValueError("on-policy rows are learned from the target's scores: set generate.topk_logprobs > 0")
     layout = RunLayout.of(cfg)
     kd = layout.kd
     check_config(kd, cfg)
@@ -220,8 +228,8 @@ def run_generation(cfg: RunConfig, *, max_units: int | None = None) -> dict:
     log.info("KD data: %d prompts, %d units, %d pending", prompts.num_rows, len(units), len(pending))
     draft = None
     if any(u["writer"] == "draft" for u in pending):
-        draft = g.onpolicy_draft or str(layout.stage(upstream_stage(cfg, "ft")).export)  # FT's starting draft
-        if not Path(draft, "config.json").exists():
+        draft = g.onpolicy_draft or onpolicy_draft
+        if not draft or not Path(draft, "config.json").exists():
             raise ValueError(
                 f"on-policy generation needs a draft; {draft} is not an HF folder (set generate.onpolicy_draft)"
             )

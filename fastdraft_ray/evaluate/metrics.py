@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from fastdraft_ray.config import MODES
 from fastdraft_ray.specdec import stats as S
 
-MODES = ("sampling", "greedy")
 ALL = "all"  # pseudo-task pooling every prompt
 TABLE_METRICS = ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
 BOOTSTRAP_SAMPLES = 2000

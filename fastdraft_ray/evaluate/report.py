@@ -13,6 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from fastdraft_ray import markdown
 from fastdraft_ray.evaluate.metrics import ALL, TABLE_METRICS, EvalResults
 from fastdraft_ray.layout import done_file, is_url
 
@@ -82,7 +83,7 @@ def markdown_table(results: EvalResults) -> str:
     """One wide table: rows = draft x mode; columns = task x (α, τ, MBSU, speedup), then the pooled ``all``."""
     tasks = [*results.tasks, ALL]
     head = ["draft", "mode"] + [f"{t} {LABELS[m]}" for t in tasks for m in TABLE_METRICS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    rows = []
     for draft, gamma, mode in _groups(results):
         cells = [_group_label(results, draft, gamma, mode), mode]
         for task in tasks:
@@ -91,48 +92,66 @@ def markdown_table(results: EvalResults) -> str:
                 cells.append(
                     "—" if value is None else f"{value:.3f}" if metric == "acceptance_rate" else f"{value:.2f}"
                 )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown.table(head, rows, "ll" + "r" * (len(head) - 2))
 
 
 def interval_table(results: EvalResults) -> str:
     """Per draft x mode: the pooled speedup with its 90% bootstrap interval over prompts, and the gamma charged."""
-    lines = ["| draft | mode | γ | α/token | speedup (all) | 90% interval |", "|---|---|---:|---:|---:|---|"]
-    for row in results.rows:
-        if row["task"] == ALL:
-            mark = " (selected)" if row.get("selected") else ""
-            lines.append(
-                f"| {row['draft']} | {row['mode']} | {row.get('gamma', results.settings['gamma']):g}{mark} | "
-                f"{row.get('alpha_per_token', 0.0):.3f} | {row['speedup']:.2f} | "
-                f"[{row.get('speedup_lo', 0.0):.2f}, {row.get('speedup_hi', 0.0):.2f}] |"
-            )
-    return "\n".join(lines)
+    rows = [
+        [
+            row["draft"],
+            row["mode"],
+            f"{row.get('gamma', results.settings['gamma']):g}{' (selected)' if row.get('selected') else ''}",
+            f"{row.get('alpha_per_token', 0.0):.3f}",
+            f"{row['speedup']:.2f}",
+            f"[{row.get('speedup_lo', 0.0):.2f}, {row.get('speedup_hi', 0.0):.2f}]",
+        ]
+        for row in results.rows
+        if row["task"] == ALL
+    ]
+    return markdown.table(["draft", "mode", "γ", "α/token", "speedup (all)", "90% interval"], rows, "llrrrl")
 
 
 def baselines_table(results: EvalResults) -> str:
     """transformers' prompt lookup / assisted generation on the same prompts (greedy), '' when none ran."""
     if not results.baselines:
         return ""
-    lines = [
-        "| method | draft | γ | speedup (all) | 90% interval | tokens per target call | output = target's |",
-        "|---|---|---:|---:|---|---:|---:|",
+    header = [
+        "method",
+        "draft",
+        "γ",
+        "speedup (all)",
+        "90% interval",
+        "tokens per target call",
+        "output = target's",
     ]
-    for row in results.baselines:
-        if row["task"] == ALL:
-            lines.append(
-                f"| transformers {row['method'].replace('_', ' ')} | {row['draft'] or '—'} | {row['gamma']} | "
-                f"{row['speedup']:.2f} | [{row['speedup_lo']:.2f}, {row['speedup_hi']:.2f}] | "
-                f"{row['tokens_per_call']:.2f} | {row['matches_target']:.0%} |"
-            )
-    return "\n".join(lines)
+    rows = [
+        [
+            f"transformers {row['method'].replace('_', ' ')}",
+            row["draft"] or "—",
+            row["gamma"],
+            f"{row['speedup']:.2f}",
+            f"[{row['speedup_lo']:.2f}, {row['speedup_hi']:.2f}]",
+            f"{row['tokens_per_call']:.2f}",
+            f"{row['matches_target']:.0%}",
+        ]
+        for row in results.baselines
+        if row["task"] == ALL
+    ]
+    return markdown.table(header, rows, "llrrlrr")
 
 
 def _markdown(results: EvalResults) -> str:
     s = results.settings
-    drafts = "\n".join(
-        f"| {d.name} | `{d.path}` | {d.params:,} | {d.c_params:.4f} | {d.draft_step_s * 1e3:.2f} | "
-        f"{d.target_step_s * 1e3:.2f} | {d.verify_step_s * 1e3:.2f} |"
-        for d in results.drafts
+    drafts = markdown.table(
+        ["draft", "path", "params", "c (bytes)", "draft step ms", "target step ms", "verify (γ+1) ms"],
+        [
+            [d.name, f"`{d.path}`", f"{d.params:,}", f"{d.c_params:.4f}", f"{d.draft_step_s * 1e3:.2f}"]
+            + [f"{d.target_step_s * 1e3:.2f}", f"{d.verify_step_s * 1e3:.2f}"]
+            for d in results.drafts
+        ],
+        "llrrrrr",
     )
     return f"""# Speculative-decoding evaluation
 
@@ -150,8 +169,6 @@ speculative, same prompts, per emitted token. `all` pools every prompt.
 
 {baselines_table(results)}
 
-| draft | path | params | c (bytes) | draft step ms | target step ms | verify (γ+1) ms |
-|---|---|---:|---:|---:|---:|---:|
 {drafts}
 """
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from fastdraft_ray.config import ConfigError, EvaluateConfig, ModelConfig, check_choices
+from fastdraft_ray.config import EvaluateConfig, ModelConfig, to_dict
 from fastdraft_ray.data.tasks import EvalPrompt, load_tasks
 from fastdraft_ray.evaluate.endpoint import EndpointError, EndpointEvaluator
-from fastdraft_ray.evaluate.metrics import ALL, MODES, DraftInfo, EvalResults, aggregate, aggregate_baselines
+from fastdraft_ray.evaluate.metrics import ALL, DraftInfo, EvalResults, aggregate, aggregate_baselines
 from fastdraft_ray.evaluate.worker import Evaluator
 from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
 from fastdraft_ray.models.target import DTYPES, load_target_config, load_tokenizer
@@ -41,7 +41,6 @@ class EvaluationError(ValueError):
     """The evaluation cannot run as configured; the message says what to change."""
 
 
-BASELINES = ("prompt_lookup", "assisted")  # evaluate.baselines: transformers' own speculative paths
 GENERIC_FOLDERS = {"export", "model", "hf", "final"}  # folder names that say nothing: show the parent
 
 
@@ -137,48 +136,17 @@ def evaluate(
     cfg: EvaluateConfig,
     prompts: dict[str, list[EvalPrompt]] | None = None,
 ) -> EvalResults:
-    """Evaluate each draft folder against ``model.target`` on the configured tasks and modes."""
+    """Evaluate each draft folder against ``model.target`` on the configured tasks and modes (``cfg`` checked
+    itself when it was built: ``EvaluateConfig.validate``)."""
     start = time.perf_counter()
     if not draft_paths:
         raise EvaluationError("no draft to evaluate: set evaluate.drafts=[path, ...]")
-    try:
-        check_choices(cfg, "evaluate.")
-    except ConfigError as exc:
-        raise EvaluationError(str(exc)) from None
     modes = list(cfg.modes)
-    if not modes or any(m not in MODES for m in modes):
-        raise EvaluationError(f"evaluate.modes={modes!r}: choose from {', '.join(MODES)}")
-    if "sampling" in modes and cfg.temperature <= 0:
-        raise EvaluationError("sampling mode needs evaluate.temperature > 0 (greedy is its own mode)")
-    if cfg.num_workers < 1 or cfg.gamma < 1 or cfg.max_new_tokens < 1 or cfg.max_gamma < 1:
-        raise EvaluationError("evaluate.num_workers, gamma, max_gamma and max_new_tokens must all be >= 1")
-    if any(not isinstance(g, int) or g < 1 for g in cfg.gamma_select):
-        raise EvaluationError(f"evaluate.gamma_select must list gammas >= 1, got {cfg.gamma_select}")
-    unknown = sorted(set(cfg.baselines) - set(BASELINES))
-    if unknown:
-        raise EvaluationError(f"evaluate.baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
-    if cfg.baselines and (cfg.endpoint or "greedy" not in modes):
-        raise EvaluationError(
-            "evaluate.baselines run in-process on the greedy mode: needs 'greedy' in evaluate.modes and no evaluate.endpoint"
-        )
-    if cfg.gamma_select and cfg.endpoint:
-        raise EvaluationError(
-            "evaluate.gamma_select prices gammas with latencies measured in-process; with evaluate.endpoint set "
-            "it to [] and name the gamma (evaluate.gamma)"
-        )
-    if cfg.gamma_select and cfg.calibration_prompts_per_task < 1:
-        raise EvaluationError("evaluate.gamma_select needs evaluate.calibration_prompts_per_task >= 1")
-    if cfg.prior_alpha > 1.0:
-        raise EvaluationError(f"evaluate.prior_alpha must be in [0, 1] (or < 0: unknown), got {cfg.prior_alpha}")
-    if not 0.0 <= cfg.confidence_threshold < 1.0:
-        raise EvaluationError(f"evaluate.confidence_threshold must be in [0, 1), got {cfg.confidence_threshold}")
     try:
         precision = resolve_precision(cfg.precision, model.dtype)
         draft_precision = resolve_precision(cfg.draft_precision or precision)
     except PrecisionError as exc:
         raise EvaluationError(f"evaluate.precision / draft_precision: {exc}") from None
-    if cfg.use_gpu and "int8" in (precision, draft_precision):
-        raise EvaluationError("int8 (dynamic quantisation) runs on CPU only: use precision=bf16 with use_gpu")
     tokenizer = load_tokenizer(model.target, model.trust_remote_code)
     drafts = _draft_names([str(p) for p in draft_paths])
     _check_drafts(model, drafts, tokenizer)
@@ -187,29 +155,8 @@ def evaluate(
             tokenizer, cfg.tasks, cfg.prompts_per_task, cfg.seed, cfg.source, cfg.max_article_tokens, cfg.code_chat
         )
     flat = [p for task_prompts in prompts.values() for p in task_prompts]
-    settings = {
-        "gamma": cfg.gamma,
-        "max_new_tokens": cfg.max_new_tokens,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "seed": cfg.seed,
-        "modes": modes,
-        "stop_at_eos": cfg.stop_at_eos,
-        "use_gpu": cfg.use_gpu,
-        "num_workers": cfg.num_workers,
-        "source": cfg.source,
-        "prompts_per_task": cfg.prompts_per_task,
-        "precision": precision,
-        "draft_precision": draft_precision,
-        "gamma_policy": cfg.gamma_policy,
-        "confidence_threshold": cfg.confidence_threshold,
-        "max_gamma": cfg.max_gamma,
-        "prior_alpha": cfg.prior_alpha,
-    }
-    if cfg.endpoint:
-        settings["endpoint"] = cfg.endpoint
-    if cfg.baselines:
-        settings["baselines"] = list(cfg.baselines)
+    workers_cfg = dataclasses.replace(cfg, precision=precision, draft_precision=draft_precision)  # as resolved
+    settings = {k: v for k, v in to_dict(workers_cfg).items() if k != "drafts"}  # the drafts: results.drafts
     log.info(
         "evaluating %d draft(s) on %d prompts x %d mode(s) with %d worker(s)",
         len(drafts),
@@ -217,7 +164,6 @@ def evaluate(
         len(modes),
         cfg.num_workers,
     )
-    workers_cfg = dataclasses.replace(cfg, precision=precision, draft_precision=draft_precision)  # as resolved
     tasks = list(prompts)
     chosen: dict[str, dict[str, int]] = {}
     if cfg.gamma_select:

@@ -12,7 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from fastdraft_ray.config import RunConfig
+from fastdraft_ray.config import FastDraftConfig
 from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.models.draft import check_compatible, load_draft, new_draft, save_draft
 from fastdraft_ray.models.target import load_target, load_target_config, load_tokenizer
@@ -22,7 +22,7 @@ from fastdraft_ray.models.vocab import coverage, kept_token_ids, special_token_i
 log = logging.getLogger(__name__)
 
 
-def prepare_init(cfg: RunConfig, out: Path, init_from: str | None, data_dir: str | None = None) -> Path:
+def prepare_init(cfg: FastDraftConfig, out: Path, init_from: str | None, data_dir: str | None = None) -> Path:
     """Write the stage's starting draft to ``out``: a copy of ``init_from`` or a fresh draft derived from the
     target (``cfg.draft`` shape and ``init``, ``cfg.train.seed``), with the target's tokenizer. Idempotent.
 
@@ -58,7 +58,7 @@ def prepare_init(cfg: RunConfig, out: Path, init_from: str | None, data_dir: str
     return out
 
 
-def _kept_ids(cfg: RunConfig, data_dir: str | None, tokenizer, target_config):
+def _kept_ids(cfg: FastDraftConfig, data_dir: str | None, tokenizer, target_config):
     """Kept token ids of a trimmed head: special tokens + the most frequent tokens of the counted data."""
     sources = head_vocab_sources(cfg, data_dir)
     if not sources:
@@ -77,7 +77,7 @@ def _kept_ids(cfg: RunConfig, data_dir: str | None, tokenizer, target_config):
     return kept
 
 
-def head_vocab_sources(cfg: RunConfig, data_dir: str | None = None) -> list[Path]:
+def head_vocab_sources(cfg: FastDraftConfig, data_dir: str | None = None) -> list[Path]:
     """The folders ``draft.head_vocab_from`` names (comma-separated; relative ones inside the run directory,
     e.g. ``data/pt,data/cp``), or else the stage's own ``data_dir``."""
     if not cfg.draft.head_vocab_from:

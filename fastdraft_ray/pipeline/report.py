@@ -19,13 +19,13 @@ import csv
 import json
 from pathlib import Path
 
-from fastdraft_ray.config import RunConfig
+from fastdraft_ray import markdown, stage_graph
+from fastdraft_ray.config import FastDraftConfig
 from fastdraft_ray.evaluate.metrics import ALL, EvalResults
 from fastdraft_ray.evaluate.paper import FASTDRAFT_PHI3_50M_FT, PaperResult
 from fastdraft_ray.evaluate.report import baselines_table, interval_table
-from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
-from fastdraft_ray.pipeline.stages import LABELS
-from fastdraft_ray.train.run import upstream_stage
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.pipeline.run import format_summary
 
 METRICS = (
     ("acceptance_rate", "Acceptance rate α", "{:.3f}"),
@@ -64,12 +64,13 @@ def _params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
-def stage_labels(cfg: RunConfig) -> dict[str, str]:
+def stage_labels(cfg: FastDraftConfig) -> dict[str, str]:
     """Each training stage's draft named by the stages it went through in this run ("PT→FT" when the pipeline
     leaves CP out, "PT→CP→FT" when it runs it)."""
     labels: dict[str, str] = {}
-    for stage in TRAINING_STAGES:
-        upstream = upstream_stage(cfg, stage)
+    selected = stage_graph.expand(cfg.pipeline.stages)
+    for stage in stage_graph.TRAINING:
+        upstream = stage_graph.draft_source(stage, selected)
         labels[stage] = f"{labels[upstream]}→{stage.upper()}" if upstream else stage.upper()
     return labels
 
@@ -94,18 +95,18 @@ def metric_table(
 ) -> list[str]:
     """Markdown lines: rows = drafts (stage order), columns = tasks + ``all``; the paper's row last, if given."""
     tasks = [*results.tasks, ALL]
-    lines = ["| draft | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    rows = []
     for info in results.drafts:
-        cells = []
+        cells = [labels.get(info.name, info.name)]
         for task in tasks:
             row = _row(results, info.name, mode, task)
             cells.append("—" if row is None or row[metric] is None else fmt.format(row[metric]))
-        lines.append(f"| {labels.get(info.name, info.name)} | " + " | ".join(cells) + " |")
+        rows.append(cells)
     if paper is not None:
         values = [paper.acceptance_rate.get(t) for t in tasks]
-        cells = ["—" if v is None else fmt.format(v) for v in values]
-        lines.append(f"| *{paper.label} ({paper.target.split('/')[-1]} target)* | " + " | ".join(cells) + " |")
-    return lines
+        label = f"*{paper.label} ({paper.target.split('/')[-1]} target)*"
+        rows.append([label] + ["—" if v is None else fmt.format(v) for v in values])
+    return markdown.table(["draft", *tasks], rows, "l" + "r" * len(tasks)).splitlines()
 
 
 def _protocol_note(results: EvalResults, labels: dict[str, str], mode: str, paper: PaperResult) -> str:
@@ -132,29 +133,25 @@ def _protocol_note(results: EvalResults, labels: dict[str, str], mode: str, pape
 
 
 def _stages_table(outcomes, records: dict) -> list[str]:
-    lines = ["| stage | this run | produced | wall time | result |", "|---|---|---|---:|---|"]
+    rows = []
     for outcome in outcomes:
         if outcome.action == "not_selected" and outcome.stage not in records.get("stages", {}):
             continue
         rec = records.get("stages", {}).get(outcome.stage, {})
-        summary = rec.get("summary") or {}
-        result = ", ".join(
-            f"{k} {v.get('train', v) if isinstance(v, dict) else v:.4g}"
-            if isinstance(v, float)
-            else f"{k} {v.get('train', v) if isinstance(v, dict) else v}"
-            for k, v in summary.items()
-            if k not in ("output", "drafts") and v is not None
+        rows.append(
+            [
+                stage_graph.label(outcome.stage),
+                outcome.action.replace("_", " ") + (f" ({outcome.reason})" if outcome.reason else ""),
+                rec.get("finished_at") or "—",
+                f"{rec.get('wall_time_s', 0) / 60:.1f} min",
+                format_summary(rec.get("summary") or {}) or "—",
+            ]
         )
-        lines.append(
-            f"| {LABELS.get(outcome.stage, outcome.stage)} | {outcome.action.replace('_', ' ')}"
-            f"{(' (' + outcome.reason + ')') if outcome.reason else ''} | {rec.get('finished_at') or '—'} | "
-            f"{rec.get('wall_time_s', 0) / 60:.1f} min | {result or '—'} |"
-        )
-    return lines
+    return markdown.table(["stage", "this run", "produced", "wall time", "result"], rows, "lllrl").splitlines()
 
 
 def _markdown(
-    cfg: RunConfig, results: EvalResults, labels: dict[str, str], outcomes, records: dict, paper: PaperResult
+    cfg: FastDraftConfig, results: EvalResults, labels: dict[str, str], outcomes, records: dict, paper: PaperResult
 ) -> str:
     mode, s = main_mode(results), results.settings
     drafts = ", ".join(
@@ -296,7 +293,7 @@ def console_summary(results: EvalResults, labels: dict[str, str], paper: PaperRe
 
 
 def write_pipeline_report(
-    cfg: RunConfig, outcomes, records: dict, paper: PaperResult = FASTDRAFT_PHI3_50M_FT
+    cfg: FastDraftConfig, outcomes, records: dict, paper: PaperResult = FASTDRAFT_PHI3_50M_FT
 ) -> tuple[str, str]:
     """Write ``<run_dir>/report/`` from the evaluation results; returns (path of report.md, console summary)."""
     layout = RunLayout.of(cfg)
@@ -310,7 +307,7 @@ def write_pipeline_report(
         writer.writeheader()
         writer.writerows(_csv_rows(results, labels, paper))
     plot_acceptance(results, labels, mode, paper, out / "acceptance.png")
-    if any(layout.stage(s).tensorboard.exists() for s in TRAINING_STAGES):
+    if any(layout.stage(s).tensorboard.exists() for s in stage_graph.TRAINING):
         from fastdraft_ray.train.curves import plot_loss_curves
 
         plot_loss_curves(layout, out / "loss_curve.png")

@@ -14,6 +14,9 @@ record of it in ``<run_dir>/pipeline.json`` (settings, input fingerprints, outpu
 
 A stage's input fingerprint is the sha256 of the upstream stage's completion record, so a re-made upstream
 output (e.g. a new PT export) re-runs everything downstream of it. ``pipeline.force`` re-runs chosen stages.
+
+``only`` runs some of the selected stages and leaves the others as they are (their finished outputs are still
+inputs): each stage job (``jobs/pretrain.py``, ...) is ``run_pipeline(cfg, only=[its stage])``.
 """
 
 from __future__ import annotations
@@ -29,15 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastdraft_ray.config import RunConfig
+from fastdraft_ray import stage_graph
+from fastdraft_ray.config import ConfigError, FastDraftConfig, check_run
 from fastdraft_ray.layout import LayoutError, RunLayout
 from fastdraft_ray.pipeline.stages import (
-    GROUPS,
-    ORDER,
     PipelineError,
     Stage,
     build_stage,
-    changed_keys,
+    describe_change,
     output_fingerprint,
     with_searched_draft,
 )
@@ -53,6 +55,7 @@ class StageOutcome:
     reason: str = ""
     wall_time_s: float = 0.0
     summary: dict = field(default_factory=dict)
+    output: str | None = None  # the draft a training stage exported
 
 
 @dataclass
@@ -74,41 +77,46 @@ class PipelineResult:
 # --------------------------------------------------------------------------------------------- config
 
 
-def resolve_run(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with an absolute local storage path (the pipeline writes through the local filesystem: a local
-    disk, or NFS shared by every node)."""
+def resolve_run(cfg: FastDraftConfig) -> FastDraftConfig:
+    """``cfg`` checked across its sections (``config.check_run``) with an absolute local storage path (the
+    pipeline writes through the local filesystem: a local disk, or NFS shared by every node)."""
     try:
+        check_run(cfg)
         RunLayout.of(cfg).require_local("the pipeline")
-    except LayoutError as exc:
+    except (ConfigError, LayoutError) as exc:
         raise PipelineError(str(exc)) from None
     return dataclasses.replace(cfg, storage=str(Path(cfg.storage).expanduser().resolve()))
 
 
-def selected_stages(cfg: RunConfig) -> list[str]:
-    """The stage names ``pipeline.stages`` selects, in pipeline order; a clear error for an unknown name."""
-    chosen = list(cfg.pipeline.stages)
-    for name in [*chosen, *cfg.pipeline.force]:
-        if name not in GROUPS and name not in ORDER:
-            raise PipelineError(f"unknown pipeline stage {name!r}; choose from {', '.join(GROUPS)}")
-    for name in cfg.pipeline.evaluate_drafts:
-        if name not in ("pt", "cp", "ft"):
-            raise PipelineError(f"pipeline.evaluate_drafts: {name!r} is not a training stage (pt, cp, ft)")
-    names = {s for name in chosen for s in GROUPS.get(name, (name,))}
-    return [s for s in ORDER if s in names]
+def selected_stages(cfg: FastDraftConfig, only: list[str] | None = None) -> list[str]:
+    """The stage names ``pipeline.stages`` selects, and those ``only`` names, in pipeline order."""
+    try:
+        return stage_graph.expand([*cfg.pipeline.stages, *(only or [])])
+    except stage_graph.StageError as exc:
+        raise PipelineError(str(exc)) from None
 
 
-def _forced(cfg: RunConfig) -> set[str]:
-    return {s for name in cfg.pipeline.force for s in GROUPS.get(name, (name,))}
+def _forced(cfg: FastDraftConfig) -> set[str]:
+    return set(stage_graph.expand(cfg.pipeline.force))
 
 
-def local_ray_resources(cfg: RunConfig) -> dict:
+def _to_run(cfg: FastDraftConfig, only: list[str] | None) -> list[str]:
+    """The stages this invocation runs: ``only`` (expanded), else every selected stage."""
+    try:
+        return stage_graph.expand(only) if only else selected_stages(cfg)
+    except stage_graph.StageError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def local_ray_resources(cfg: FastDraftConfig, only: list[str] | None = None) -> dict:
     """``ray.init`` arguments when no cluster is given: logical CPUs enough for the training workers plus one for
-    Ray Data's reads, and for the generation actors."""
+    Ray Data's reads, for the generation actors, and for a search's trials when it runs."""
+    searching = "search" in _to_run(cfg, only)
     return local_ray_cpus(
         max(
             cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
             cfg.generate.num_actors * cfg.generate.cpus_per_actor,
-            cfg.search.num_workers * cfg.search.cpus_per_worker + 1 if "search" in cfg.pipeline.stages else 0,
+            cfg.search.num_workers * cfg.search.cpus_per_worker + 1 if searching else 0,
         )
     )
 
@@ -134,15 +142,8 @@ def fingerprint(settings: dict, inputs: dict) -> str:
 
 
 def _change(record: dict, stage: Stage, inputs: dict) -> str:
-    why = []
-    keys = changed_keys(record.get("settings", {}), stage.settings)
-    if keys:
-        why.append(f"settings changed: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
-    before = record.get("inputs", {})
-    moved = [k for k in sorted(set(inputs) | set(before)) if inputs.get(k) != before.get(k)]
-    if moved:
-        why.append(f"input changed: {', '.join(moved)}")
-    return "; ".join(why) or "settings or inputs changed"
+    change = describe_change(record.get("settings", {}), stage.settings, record.get("inputs", {}), inputs)
+    return change or "settings or inputs changed"
 
 
 def decide(stage: Stage, record: dict | None, inputs: dict, forced: bool) -> tuple[str, str]:
@@ -190,7 +191,8 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
-def _format_summary(summary: dict) -> str:
+def format_summary(summary: dict) -> str:
+    """A stage's summary as ``key value, ...`` (floats to 4 significant digits; a train/val dict by its train)."""
     parts = []
     for key, value in summary.items():
         if key in ("output", "drafts") or value is None:
@@ -201,46 +203,51 @@ def _format_summary(summary: dict) -> str:
     return ", ".join(parts)
 
 
-def run_pipeline(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> PipelineResult:
+def run_pipeline(
+    cfg: FastDraftConfig, only: list[str] | None = None, echo: Callable[[str], None] | None = None
+) -> PipelineResult:
     """Run the selected stages of ``cfg`` in order (Ray must be initialised), then write the report.
 
-    ``echo`` receives one line per stage transition (default: print, flushed, as ``[pipeline] ...``).
+    ``only`` (stage names or ``pipeline.stages`` entries) runs just those, leaving the others as they are; the
+    stages ``pipeline.stages`` selects still decide where a stage's draft comes from (FT from PT when there is no
+    CP). ``echo`` receives one line per stage transition (default: print, flushed, as ``[pipeline] ...``).
     """
     say = echo or (lambda line: print(f"[pipeline] {line}", flush=True))
     cfg = resolve_run(cfg)
     layout = RunLayout.of(cfg)
     run_dir, record_path = layout.require_local("the pipeline"), layout.pipeline_record
-    selected, forced = selected_stages(cfg), _forced(cfg)
+    selected, to_run, forced = selected_stages(cfg, only), _to_run(cfg, only), _forced(cfg)
     records = _read_records(record_path)
     outcomes: list[StageOutcome] = []
-    say(f"run directory {run_dir}; stages: {', '.join(selected)}")
-    for name in ORDER:
-        if name not in selected:
+    say(f"run directory {run_dir}; stages: {', '.join(to_run)}")
+    for name in stage_graph.ORDER:
+        if name not in to_run:
             outcomes.append(StageOutcome(name, "not_selected"))
+            if name == "search" and name in selected and layout.search.done.exists():
+                cfg = with_searched_draft(cfg)  # a finished search still gives later stages its shape
             continue
-        stage = build_stage(name, cfg, list(cfg.pipeline.evaluate_drafts))
+        stage = build_stage(name, cfg, selected)
         inputs = {}
         for upstream in stage.inputs:
-            marker = build_stage(upstream, cfg, []).marker
-            inputs[upstream] = output_fingerprint(marker)
+            inputs[upstream] = output_fingerprint(build_stage(upstream, cfg, selected).marker)
             if inputs[upstream] is None:
+                todo = "run that stage first" if only else "add it to pipeline.stages"
                 raise PipelineError(
-                    f"{stage.label} needs the output of {upstream}, which is not finished: add it to pipeline.stages"
+                    f"{stage.label} needs the output of {stage_graph.label(upstream)}, which is not finished: {todo}"
                 )
         outcomes.append(_run_stage(stage, records, record_path, inputs, name in forced, say))
         if name == "search":  # PT and everything after it train the shape the search chose
             cfg = with_searched_draft(cfg)
-            say(
-                f"draft shape from the search: {cfg.draft.num_layers} x {cfg.draft.hidden_size}, K={cfg.draft.head_vocab}"
-            )
+            d = cfg.draft
+            say(f"draft shape from the search: {d.num_layers} x {d.hidden_size}, K={d.head_vocab}")
     report = None
-    if (Path(layout.eval_dir) / "results.json").exists():
+    if (only is None or "evaluate" in to_run) and (Path(layout.eval_dir) / "results.json").exists():
         from fastdraft_ray.pipeline.report import write_pipeline_report
 
         report, text = write_pipeline_report(cfg, outcomes, records)
         say(f"report: {report}")
         print(text, flush=True)
-    else:
+    elif only is None:
         say("no evaluation results yet: add 'evaluate' to pipeline.stages for the report")
     return PipelineResult(str(run_dir), outcomes, report)
 
@@ -278,10 +285,9 @@ def _run_stage(
     elapsed = time.time() - started
     records["stages"][stage.name] = _record(stage, inputs, fp, "done", action, elapsed, summary)
     _write_records(record_path, records)
-    say(f"{stage.label}: done in {_minutes(elapsed)}{' (' + _format_summary(summary) + ')' if summary else ''}")
-    return StageOutcome(
-        stage.name, {"start": "started", "resume": "resumed"}.get(action, action), reason, elapsed, summary
-    )
+    say(f"{stage.label}: done in {_minutes(elapsed)}{' (' + format_summary(summary) + ')' if summary else ''}")
+    action = {"start": "started", "resume": "resumed"}.get(action, action)
+    return StageOutcome(stage.name, action, reason, elapsed, summary, str(stage.output) if stage.output else None)
 
 
 def _record(stage: Stage, inputs: dict, fp: str, status: str, action: str, elapsed: float, summary: dict) -> dict:
@@ -298,20 +304,24 @@ def _record(stage: Stage, inputs: dict, fp: str, status: str, action: str, elaps
     }
 
 
-def plan(cfg: RunConfig) -> list[tuple[str, str, str]]:
+def plan(cfg: FastDraftConfig, only: list[str] | None = None) -> list[tuple[str, str, str]]:
     """What ``run_pipeline`` would do, without doing it: ``[(stage, action, reason)]``. A stage after one that
     will run is reported as ``after upstream`` (its inputs are not known yet)."""
     cfg = resolve_run(cfg)
-    selected, forced = selected_stages(cfg), _forced(cfg)
+    selected, forced = selected_stages(cfg, only), _forced(cfg)
     records = _read_records(RunLayout.of(cfg).pipeline_record)
-    out, pending = [], set()
-    for name in selected:
-        stage = build_stage(name, cfg, list(cfg.pipeline.evaluate_drafts))
-        if pending & set(stage.inputs) or (name == "evaluate" and pending & {"pt", "cp", "ft"}):
+    out, pending, to_run = [], set(), _to_run(cfg, only)
+    for name in stage_graph.ORDER:
+        if name not in to_run:
+            if name == "search" and name in selected and RunLayout.of(cfg).search.done.exists():
+                cfg = with_searched_draft(cfg)
+            continue
+        stage = build_stage(name, cfg, selected)
+        if pending & set(stage.inputs) or (name == "evaluate" and pending & set(stage_graph.TRAINING)):
             out.append((name, "run", "after upstream stages"))
             pending.add(name)
             continue
-        inputs = {u: output_fingerprint(build_stage(u, cfg, []).marker) for u in stage.inputs}
+        inputs = {u: output_fingerprint(build_stage(u, cfg, selected).marker) for u in stage.inputs}
         action, reason = decide(stage, records["stages"].get(name), inputs, name in forced)
         out.append((name, action, reason))
         if action not in ("skip", "adopt"):

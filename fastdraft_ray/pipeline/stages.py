@@ -1,16 +1,9 @@
-"""The pipeline's stages: what each one's result depends on, where it writes, and how it runs (by calling the
-library functions the stage jobs call: ``prepare``, ``train_stage``, ``run_generation``, ``evaluate``).
+"""How each stage of the graph (``stage_graph``) runs inside the pipeline: what its result depends on, where it
+writes, and how it starts (by calling the library functions: ``prepare``, ``train_stage``, ``run_generation``,
+``run_search``, ``evaluate``). The stage jobs under ``jobs/`` are the pipeline with one stage selected, so this is
+the one place that decides whether a stage is done, adopted, resumed or re-run.
 
-Stages, in order (the ``pipeline.stages`` entry that selects each in brackets):
-
-  prepare/pt, prepare/cp [prepare]   token shards     <run_dir>/data/<data.name>/manifest.json
-  search [search, opt-in]            draft shape      <run_dir>/search/DONE.json (PT then trains its best shape)
-  pt, cp [pt, cp]                    trained drafts   <run_dir>/<stage>/DONE.json (+ export/)
-  generate [generate]                KD data          <run_dir>/kd/DONE.json
-  ft [ft]                            FT rows + draft  <run_dir>/data/<ft data.name>/, <run_dir>/ft/DONE.json
-  evaluate [evaluate]                all stage drafts <run_dir>/eval/DONE.json (+ results.*)
-
-A stage's result depends on its *settings* (the config sections it reads, minus knobs that only change how fast
+A stage's result depends on its *settings* (the config sections it reads, minus keys that only change how fast
 it runs) and on its *inputs* (the completion records of the stages it reads from). The driver (``run.py``)
 fingerprints both; a stage whose fingerprint is unchanged is skipped.
 """
@@ -19,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastdraft_ray import stage_graph
 from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import (
     ConfigError,
-    RunConfig,
+    FastDraftConfig,
     config_from_dict,
     section_settings,
     stage_config,
@@ -34,28 +28,6 @@ from fastdraft_ray.config import (
     training_settings,
 )
 from fastdraft_ray.layout import RunLayout, done_file
-from fastdraft_ray.train.run import UPSTREAM_DRAFT, init_source, upstream_stage
-
-ORDER = ("prepare/pt", "prepare/cp", "search", "pt", "cp", "generate", "ft", "evaluate")
-GROUPS = {
-    "prepare": ("prepare/pt", "prepare/cp"),
-    "search": ("search",),
-    "pt": ("pt",),
-    "cp": ("cp",),
-    "generate": ("generate",),
-    "ft": ("ft",),
-    "evaluate": ("evaluate",),
-}
-LABELS = {
-    "prepare/pt": "prepare PT data",
-    "prepare/cp": "prepare CP data",
-    "search": "architecture search",
-    "pt": "PT",
-    "cp": "CP",
-    "generate": "generate KD data",
-    "ft": "FT",
-    "evaluate": "evaluate",
-}
 
 
 class PipelineError(RuntimeError):
@@ -72,15 +44,14 @@ class Stage:
     settings: dict
     inputs: tuple[str, ...]  # upstream stage names
     run: Callable[[], dict]  # does (or finishes) the work; returns a short summary
-    adopt: Callable[
-        [], str | None
-    ]  # for a finished stage with no pipeline record: None = same settings, else why not
+    adopt: Callable[[], str | None]  # a finished stage with no pipeline record: None = same settings, else why not
     unfinished: Callable[[], str | None]  # unfinished work a run would resume, described; None if none
     conflict: Callable[[], str | None] = lambda: None  # unfinished work known to have other settings: why
+    output: Path | None = None  # the draft a training stage exports (what a stage job reports)
 
     @property
     def label(self) -> str:
-        return LABELS[self.name]
+        return stage_graph.label(self.name)
 
     def done(self) -> bool:
         return self.marker.exists()
@@ -103,37 +74,60 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _differs(old: dict, new: dict) -> str | None:
+def describe_change(
+    old: dict, new: dict, old_inputs: dict | None = None, new_inputs: dict | None = None
+) -> str | None:
+    """Why a stage's recorded result does not stand for ``new`` settings (and inputs): the changed keys and
+    inputs, or None when nothing changed. The one wording of every "settings changed" message."""
+    why = []
     keys = changed_keys(old, new)
-    return f"settings changed: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" if keys else None
+    if keys:
+        why.append(f"settings changed: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    before, now = old_inputs or {}, new_inputs or {}
+    moved = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if moved:
+        why.append(f"input changed: {', '.join(moved)}")
+    return "; ".join(why) or None
 
 
-def _load_old_config(data: dict) -> RunConfig | str:
+def _load_old_config(data: dict) -> FastDraftConfig | str:
     try:
         return config_from_dict(data)
     except ConfigError as exc:
         return f"its record's config no longer loads ({exc})"
 
 
+def init_source(cfg: FastDraftConfig, stage: str, selected: Iterable[str]) -> str | None:
+    """The HF draft folder a training stage starts from: ``draft.init_from``, else the export of the stage the
+    graph names for this selection (``stage_graph.draft_source``), else None (PT: a fresh draft)."""
+    if cfg.draft.init_from:
+        return cfg.draft.init_from
+    upstream = stage_graph.draft_source(stage, selected)
+    return str(RunLayout.of(cfg).stage(upstream).export) if upstream else None
+
+
+def _weights_sha256(folder: str, key: str) -> str:
+    weights = Path(folder, "model.safetensors")
+    if not weights.exists():
+        raise PipelineError(f"{key}={folder}: no model.safetensors there (an HF draft folder?)")
+    return sha256_file(weights)
+
+
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def build_stage(name: str, cfg: RunConfig, evaluate_drafts: list[str] | None = None) -> Stage:
-    """The stage ``name`` of ``cfg`` (whose storage is an absolute local path)."""
-    if name.startswith("prepare/"):
+def build_stage(name: str, cfg: FastDraftConfig, selected: Iterable[str]) -> Stage:
+    """The stage ``name`` of ``cfg`` (whose storage is an absolute local path) in a run selecting ``selected``."""
+    selected = list(selected)
+    spec = stage_graph.spec(name)
+    if name in stage_graph.PREPARE:
         return _prepare(cfg, name.split("/")[1])
-    if name in UPSTREAM_DRAFT:
-        return _training(cfg, name)
-    if name == "search":
-        return _search(cfg)
-    if name == "generate":
-        return _generate(cfg)
-    if name == "evaluate":
-        return _evaluate(cfg, evaluate_drafts or [])
-    raise PipelineError(f"unknown stage {name!r}; stages: {', '.join(ORDER)}")
+    if spec.trains:
+        return _training(cfg, name, selected)
+    return {"search": _search, "generate": _generate, "evaluate": _evaluate}[name](cfg, selected)
 
 
-def _counted_data(cfg: RunConfig) -> list[str]:
+def _counted_data(cfg: FastDraftConfig) -> list[str]:
     """The pipeline's prepared data sets (pt, cp) that ``draft.head_vocab_from`` names."""
     from fastdraft_ray.models.construct import head_vocab_sources
 
@@ -143,11 +137,11 @@ def _counted_data(cfg: RunConfig) -> list[str]:
     return [
         src.name
         for src in head_vocab_sources(cfg)
-        if src == Path(layout.data(src.name)) and f"prepare/{src.name}" in ORDER
+        if src == Path(layout.data(src.name)) and f"prepare/{src.name}" in stage_graph.PREPARE
     ]
 
 
-def _prepare(cfg: RunConfig, which: str) -> Stage:
+def _prepare(cfg: FastDraftConfig, which: str) -> Stage:
     scfg = stage_config(cfg, which)
     out = Path(RunLayout.of(scfg).data(scfg.data))
     settings = {"target": cfg.model.target, "data": section_settings(scfg.data, "data")}
@@ -163,7 +157,7 @@ def _prepare(cfg: RunConfig, which: str) -> Stage:
         old = _load_old_config({"data": manifest.get("config", {})})
         if isinstance(old, str):
             return old
-        return _differs(
+        return describe_change(
             {"target": manifest.get("tokenizer"), "data": section_settings(old.data, "data")}, settings
         )
 
@@ -173,25 +167,21 @@ def _prepare(cfg: RunConfig, which: str) -> Stage:
     return Stage(f"prepare/{which}", out / "manifest.json", (out,), settings, (), run, adopt, unfinished)
 
 
-def _training(cfg: RunConfig, stage: str) -> Stage:
+def _training(cfg: FastDraftConfig, stage: str, selected: list[str]) -> Stage:
     scfg = stage_config(cfg, stage)
     layout = RunLayout.of(scfg)
     paths = layout.stage(stage)
     sdir, data_dir = paths.root, Path(layout.data(scfg.data))
-    init_from = init_source(scfg, stage)
+    init_from = init_source(scfg, stage, selected)
     settings = training_settings(scfg)
-    if stage == "ft":
-        inputs: tuple[str, ...] = ("generate",)
-        folders: tuple[Path, ...] = (sdir, data_dir)  # FT rows are built from the KD data: re-built with it
-    else:
-        inputs, folders = (f"prepare/{stage}",), (sdir,)
+    spec = stage_graph.spec(stage)
+    inputs: tuple[str, ...] = (spec.data_from,)
+    folders: tuple[Path, ...] = (sdir, data_dir) if spec.data_from == "generate" else (sdir,)  # FT rows: re-built
+    upstream = stage_graph.draft_source(stage, selected)
     if scfg.draft.init_from:  # a draft from outside the pipeline: fingerprint its weights
-        weights = Path(init_from, "model.safetensors")
-        if not weights.exists():
-            raise PipelineError(f"draft.init_from={init_from}: no model.safetensors there (an HF draft folder?)")
-        settings["init_sha256"] = sha256_file(weights)
-    elif upstream_stage(scfg, stage):
-        inputs += (upstream_stage(scfg, stage),)
+        settings["init_sha256"] = _weights_sha256(init_from, "draft.init_from")
+    elif upstream:
+        inputs += (upstream,)
     else:  # a fresh draft's trimmed head counts tokens on prepared data (e.g. data/pt,data/cp): re-run with it
         inputs += tuple(f"prepare/{name}" for name in _counted_data(scfg) if f"prepare/{name}" not in inputs)
 
@@ -201,7 +191,7 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         if init_from and not Path(init_from, "config.json").exists():
             raise PipelineError(f"{stage.upper()} starts from {init_from}, which is not an HF draft folder")
         rows = None
-        if stage == "ft":
+        if spec.data_from == "generate":
             from fastdraft_ray.distill.ftdata import build_ft_data
 
             try:
@@ -230,7 +220,7 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
             return f"its training data changed ({data_dir})"
         if init_from and inputs_now.get("init_sha256") != output_fingerprint(Path(init_from, "model.safetensors")):
             return f"the draft it started from changed ({init_from})"
-        return _differs(training_settings(old), {k: v for k, v in settings.items() if k != "init_sha256"})
+        return describe_change(training_settings(old), {k: v for k, v in settings.items() if k != "init_sha256"})
 
     def unfinished() -> str | None:
         from fastdraft_ray.train.run import resume_position  # the checkpoint train_stage would resume
@@ -238,10 +228,10 @@ def _training(cfg: RunConfig, stage: str) -> Stage:
         resume = resume_position(sdir)
         return f"checkpoint at step {resume.step}" if resume else None
 
-    return Stage(stage, paths.done, folders, settings, inputs, run, adopt, unfinished)
+    return Stage(stage, paths.done, folders, settings, inputs, run, adopt, unfinished, output=paths.export)
 
 
-def with_searched_draft(cfg: RunConfig) -> RunConfig:
+def with_searched_draft(cfg: FastDraftConfig) -> FastDraftConfig:
     """``cfg`` whose draft is the finished search's best shape (what PT trains when the search stage ran)."""
     from fastdraft_ray.search.report import searched_draft
 
@@ -249,7 +239,7 @@ def with_searched_draft(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, draft=searched_draft(cfg, best))
 
 
-def _search_settings(cfg: RunConfig) -> dict:
+def _search_settings(cfg: FastDraftConfig) -> dict:
     """What a search's result depends on: the target, the search keys and the PT settings its trials train with."""
     return {
         "model": to_dict(cfg.model),
@@ -258,12 +248,12 @@ def _search_settings(cfg: RunConfig) -> dict:
     }
 
 
-def _search(cfg: RunConfig) -> Stage:
+def _search(cfg: FastDraftConfig, selected: list[str]) -> Stage:
     layout = RunLayout.of(cfg)
     search = layout.search
     settings = _search_settings(cfg)
     data = Path(layout.inside(cfg.search.data))
-    inputs = tuple(f"prepare/{name}" for name in ("pt", "cp") if data == Path(layout.data(name)))
+    inputs = tuple(name for name in stage_graph.PREPARE if data == Path(layout.data(name.split("/")[1])))
 
     def run() -> dict:
         from fastdraft_ray.search.run import SearchError, run_search
@@ -279,7 +269,7 @@ def _search(cfg: RunConfig) -> Stage:
         old = _load_old_config(json.loads(search.done.read_text()).get("config", {}))
         if isinstance(old, str):
             return old
-        return _differs(_search_settings(old), settings)
+        return describe_change(_search_settings(old), settings)
 
     def unfinished() -> str | None:
         return "a Tune experiment to restore" if search.tune.exists() else None
@@ -287,39 +277,32 @@ def _search(cfg: RunConfig) -> Stage:
     return Stage("search", search.done, (search.root,), settings, inputs, run, adopt, unfinished)
 
 
-def _generate(cfg: RunConfig) -> Stage:
+def _generate(cfg: FastDraftConfig, selected: list[str]) -> Stage:
+    from fastdraft_ray.distill.generate import kd_settings, recorded_kd_settings
+
     g, kd = cfg.generate, RunLayout.of(cfg).kd
     out = kd.root
-    settings = {"target": cfg.model.target, "dtype": cfg.model.dtype, "generate": section_settings(g, "generate")}
+    settings = kd_settings(cfg)
     inputs: tuple[str, ...] = ()
-    ft_loss = stage_config(cfg, "ft").train.kd_loss
-    if g.onpolicy_fraction > 0 and (g.topk_logprobs <= 0 or ft_loss == "ce"):
-        raise PipelineError(
-            f"generate.onpolicy_fraction={g.onpolicy_fraction}: on-policy rows are learned from the target's scores "
-            f"only (no CE on draft-written tokens), so set generate.topk_logprobs > 0 (now {g.topk_logprobs}) and a "
-            f"soft FT loss, e.g. stages.ft.train.kd_loss=kl or ce_kl (now {ft_loss})"
-        )
-    if g.onpolicy_fraction > 0:  # on-policy rows are written by a draft
+    onpolicy_draft = None
+    if g.onpolicy_fraction > 0:  # on-policy rows are written by a draft: the one named, else FT's starting draft
         if g.onpolicy_draft:
-            weights = Path(g.onpolicy_draft, "model.safetensors")
-            if not weights.exists():
-                raise PipelineError(f"generate.onpolicy_draft={g.onpolicy_draft}: no model.safetensors there")
-            settings["onpolicy_draft_sha256"] = sha256_file(weights)
+            settings["onpolicy_draft_sha256"] = _weights_sha256(g.onpolicy_draft, "generate.onpolicy_draft")
         else:
-            inputs = (upstream_stage(cfg, "ft"),)
+            inputs = (stage_graph.draft_source("ft", selected),)
+            onpolicy_draft = init_source(stage_config(cfg, "ft"), "ft", selected)
 
     def run() -> dict:
         from fastdraft_ray.distill.generate import run_generation
 
-        record = run_generation(cfg)
+        record = run_generation(cfg, onpolicy_draft=onpolicy_draft)
         if not record.get("done"):
             raise PipelineError(f"KD generation into {out} stopped before every unit was written")
         return {"rows": record["rows"], "tokens": record["tokens"], "output": str(out)}
 
     def adopt() -> str | None:
-        have = json.loads(kd.config.read_text()) if kd.config.exists() else {}
-        have = {**have, "generate": section_settings(have.get("generate", {}), "generate")}
-        return _differs(have, {k: v for k, v in settings.items() if k != "onpolicy_draft_sha256"})
+        have = recorded_kd_settings(kd) or {}
+        return describe_change(have, {k: v for k, v in settings.items() if k != "onpolicy_draft_sha256"})
 
     def unfinished() -> str | None:
         parts = kd.response_files() + kd.magpie_files()
@@ -328,29 +311,38 @@ def _generate(cfg: RunConfig) -> Stage:
     return Stage("generate", kd.done, (out,), settings, inputs, run, adopt, unfinished, adopt)
 
 
-def finished_drafts(cfg: RunConfig, stages: list[str]) -> dict[str, str]:
+def finished_drafts(cfg: FastDraftConfig, stages: list[str]) -> dict[str, str]:
     """``{stage: export folder}`` for the training stages in ``stages`` that finished (DONE.json + export)."""
     layout = RunLayout.of(cfg)
     paths = {s: layout.stage(s) for s in stages}
     return {s: str(p.export) for s, p in paths.items() if p.done.exists() and (p.export / "config.json").exists()}
 
 
-def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:
-    drafts = finished_drafts(cfg, stages)
+def _evaluate(cfg: FastDraftConfig, selected: list[str]) -> Stage:
+    """The drafts ``evaluate.drafts`` names (any folders, fingerprinted by their weights), else the finished
+    exports of the stages ``pipeline.evaluate_drafts`` names, against one shared target baseline."""
     layout = RunLayout.of(cfg)
     out = Path(layout.eval_dir)
-    settings = {
-        "model": to_dict(cfg.model),
-        "evaluate": section_settings(cfg.evaluate, "evaluate"),
-        "drafts": list(drafts),
-    }
+    settings = {"model": to_dict(cfg.model), "evaluate": section_settings(cfg.evaluate, "evaluate")}
+    if cfg.evaluate.drafts:
+        drafts = {str(p): str(p) for p in cfg.evaluate.drafts}
+        settings["drafts"] = {p: _weights_sha256(p, "evaluate.drafts") for p in drafts}
+        inputs: tuple[str, ...] = ()
+    else:
+        drafts = finished_drafts(cfg, list(cfg.pipeline.evaluate_drafts))
+        settings["drafts"] = list(drafts)
+        inputs = tuple(drafts)
 
     def run() -> dict:
         from fastdraft_ray.evaluate.report import write_report
         from fastdraft_ray.evaluate.run import evaluate
 
         if not drafts:
-            raise PipelineError(f"no finished draft to evaluate among {stages} (pipeline.evaluate_drafts)")
+            raise PipelineError(
+                f"no finished draft to evaluate among {cfg.pipeline.evaluate_drafts} (pipeline.evaluate_drafts): "
+                "run their training stages, or name draft folders with evaluate.drafts=[...] (an untrained one: "
+                "python jobs/derive_draft.py)"
+            )
         run_cfg = dataclasses.replace(
             cfg, evaluate=dataclasses.replace(cfg.evaluate, drafts=list(drafts.values()))
         )
@@ -361,4 +353,4 @@ def _evaluate(cfg: RunConfig, stages: list[str]) -> Stage:
     def adopt() -> str | None:
         return "evaluated outside the pipeline (its drafts may have changed since)"
 
-    return Stage("evaluate", done_file(out), (out,), settings, tuple(drafts), run, adopt, lambda: None)
+    return Stage("evaluate", done_file(out), (out,), settings, inputs, run, adopt, lambda: None)

@@ -20,7 +20,13 @@ import logging
 import time
 from pathlib import Path
 
-from fastdraft_ray.config import RunConfig, config_from_dict, stage_config
+from fastdraft_ray.config import (
+    SEARCH_MEASURED,
+    SEARCH_TRAIN_KEYS,
+    FastDraftConfig,
+    config_from_dict,
+    stage_config,
+)
 from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.models.construct import head_vocab_sources
 from fastdraft_ray.search.latency import DeviceProfile, measure_draft
@@ -29,48 +35,21 @@ from fastdraft_ray.specdec import stats
 from fastdraft_ray.train.position import Geometry
 
 log = logging.getLogger(__name__)
-TRAIN_KEYS = (
-    "step",
-    "train/loss",
-    "val/loss",
-    "train/proxy_acceptance",
-    "train/proxy_top1",
-    "train/predicted_speedup",
-    "train/predicted_speedup_greedy",
-    "train/predicted_gamma",
-)
-FINAL_KEYS = (
-    "search/params",
-    "search/non_embedding_params",
-    "search/draft_step_ms",
-    "search/c",
-    "search/mbsu",
-    "search/train_s",
-    "search/measured_speedup",
-    "search/measured_alpha_per_token",
-    "search/measured_gamma",
-)
-MEASURED = ("speedup", "speedup_lo", "speedup_hi", "alpha_per_token")  # per mode: search/<mode>/<key>
 
 
-def reported_keys(modes: list[str]) -> list[str]:
-    """Every metric key a trial reports (the keys ``search.metric`` and ``search.objectives`` may name)."""
-    return [*TRAIN_KEYS, *FINAL_KEYS, *(f"search/{m}/{k}" for m in modes for k in MEASURED)]
-
-
-def data_dir(cfg: RunConfig) -> str:
+def data_dir(cfg: FastDraftConfig) -> str:
     """The shards the trials train on: ``search.data`` (relative = inside the run directory)."""
     return str(RunLayout.of(cfg).inside(cfg.search.data))
 
 
-def trial_steps(cfg: RunConfig, seq_len: int) -> int:
+def trial_steps(cfg: FastDraftConfig, seq_len: int) -> int:
     """Optimizer steps of one trial: ``search.token_budget_per_trial`` with PT's batch on the trial's workers."""
     pt = stage_config(cfg, "pt").train
     geo = Geometry(cfg.search.num_workers, pt.micro_batch_size, pt.grad_accum_steps, seq_len)
     return geo.total_steps(cfg.search.token_budget_per_trial)
 
 
-def trial_config(cfg: RunConfig, arch: Architecture, trial: str, seq_len: int) -> RunConfig:
+def trial_config(cfg: FastDraftConfig, arch: Architecture, trial: str, seq_len: int) -> FastDraftConfig:
     """The run config of one trial: PT's settings with the trial's shape, budget and workers, in its own run
     directory ``<run_dir>/search/trials/<trial>``; a trimmed head counts tokens where the run's PT would."""
     s, pt = cfg.search, stage_config(cfg, "pt")
@@ -95,7 +74,7 @@ def trial_config(cfg: RunConfig, arch: Architecture, trial: str, seq_len: int) -
     )
 
 
-def measure_trial(cfg: RunConfig, export: Path, gamma: int) -> dict[str, float]:
+def measure_trial(cfg: FastDraftConfig, export: Path, gamma: int) -> dict[str, float]:
     """Speculative decoding of the trial's draft against the target on the search's held-out prompts (after the
     evaluated and the proxy's), at ``gamma``: ``search/<mode>/<speedup, interval, alpha_per_token>``."""
     from fastdraft_ray.data.tasks import load_tasks
@@ -130,7 +109,7 @@ def measure_trial(cfg: RunConfig, export: Path, gamma: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for mode in s.eval_modes:
         row = next(r for r in results.rows if r["mode"] == mode and r["task"] == "all")
-        out.update({f"search/{mode}/{k}": float(row[k]) for k in MEASURED})
+        out.update({f"search/{mode}/{k}": float(row[k]) for k in SEARCH_MEASURED})
     return out
 
 
@@ -167,10 +146,10 @@ def run_trial(config: dict, base: dict, proxy, profile: dict, points: dict) -> N
             tcfg,
             data,
             proxy=proxy,
-            extra_loop_config={"speedup_model": dataclasses.asdict(model)},
+            speedup_model=model,
             callbacks=[TuneReportCallback()],
         )
-    metrics = {k: record["metrics"][k] for k in TRAIN_KEYS if record["metrics"].get(k) is not None}
+    metrics = {k: record["metrics"][k] for k in SEARCH_TRAIN_KEYS if record["metrics"].get(k) is not None}
     gamma = int(metrics.get("train/predicted_gamma", 1))
     target_params = count_params(target_config).total
     final = {

@@ -13,7 +13,8 @@ import math
 
 import yaml
 
-from fastdraft_ray.config import DraftConfig, RunConfig, to_dict
+from fastdraft_ray import markdown
+from fastdraft_ray.config import MODES, DraftConfig, FastDraftConfig, to_dict
 from fastdraft_ray.layout import SearchLayout
 from fastdraft_ray.search.latency import DeviceProfile, measure_draft
 from fastdraft_ray.search.space import Architecture, shape_at
@@ -47,18 +48,18 @@ def _fmt(key: str, value) -> str:
 def markdown_table(rows: list[dict], metric: str) -> str:
     """The trials, best ``metric`` first; measured speedup with its 90% interval when a mode reported one."""
     ordered = sorted(rows, key=lambda r: -(r.get(metric) if r.get(metric) is not None else -math.inf))
-    lines = ["| " + " | ".join(label for _, label in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    table = []
     for r in ordered:
         cells = []
         for key, _ in COLUMNS:
             cell = _fmt(key, r.get(key))
             if key == "search/measured_speedup" and r.get(key) is not None:
-                mode = next((m for m in ("sampling", "greedy") if f"search/{m}/speedup" in r), None)
+                mode = next((m for m in MODES if f"search/{m}/speedup" in r), None)
                 if mode and r.get(f"search/{mode}/speedup_lo") is not None:
                     cell += f" [{r[f'search/{mode}/speedup_lo']:.2f}, {r[f'search/{mode}/speedup_hi']:.2f}]"
             cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(cells)
+    return markdown.table([label for _, label in COLUMNS], table) + "\n"
 
 
 def best_row(rows: list[dict], metric: str) -> dict:
@@ -70,12 +71,12 @@ def best_row(rows: list[dict], metric: str) -> dict:
     return max(pool, key=lambda r: r[metric])
 
 
-def searched_draft(cfg: RunConfig, best: dict) -> DraftConfig:
+def searched_draft(cfg: FastDraftConfig, best: dict) -> DraftConfig:
     """``cfg.draft`` with the shape of a search's best row (its other keys, e.g. head_vocab_from, kept)."""
     return Architecture.from_dict(best).draft_config(cfg.draft)
 
 
-def winner_recipe(cfg: RunConfig, best: dict) -> dict:
+def winner_recipe(cfg: FastDraftConfig, best: dict) -> dict:
     """The run's config with the winning shape as its draft, as a recipe dict (no search stage)."""
     draft = searched_draft(cfg, best)
     stages = [s for s in cfg.pipeline.stages if s != "search"]
@@ -95,7 +96,7 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def latency_grid(cfg: RunConfig, profile: DeviceProfile, target_config) -> dict[tuple[int, int], float]:
+def latency_grid(cfg: FastDraftConfig, profile: DeviceProfile, target_config) -> dict[tuple[int, int], float]:
     """Draft step ms over ``search.layers`` x ``search.hidden_sizes`` (first gqa / MLP ratio / head vocab, random
     init), measured on this device and added to the profile (shapes measured before are reused)."""
     from fastdraft_ray.models.draft import head_dim_of
@@ -185,7 +186,7 @@ def plot_search(layout: SearchLayout, rows: list[dict], grid: dict, metric: str,
 
 
 def write_outputs(
-    cfg: RunConfig, layout: SearchLayout, rows: list[dict], profile: DeviceProfile, target_config
+    cfg: FastDraftConfig, layout: SearchLayout, rows: list[dict], profile: DeviceProfile, target_config
 ) -> tuple[dict[str, str], dict]:
     """Table, plots and recipe of a finished search; returns ``(files, best row)``."""
     import pandas as pd

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastdraft_ray.config import ConfigError, RunConfig, stage_config, to_dict
+from fastdraft_ray.config import ConfigError, FastDraftConfig, stage_config, to_dict
 from fastdraft_ray.layout import RunLayout, SearchLayout
 from fastdraft_ray.search.latency import DeviceProfile, measure_draft, measure_target
-from fastdraft_ray.search.objective import data_dir, reported_keys, run_trial, trial_steps
+from fastdraft_ray.search.objective import data_dir, run_trial, trial_steps
 from fastdraft_ray.search.space import Architecture, enumerate_space, sample_points
 
 log = logging.getLogger(__name__)
@@ -39,21 +39,9 @@ class SearchResult:
     wall_time_s: float
 
 
-def check_search(cfg: RunConfig, target_config) -> list[Architecture]:
+def check_search(cfg: FastDraftConfig, target_config) -> list[Architecture]:
     """Validate ``cfg.search`` against the target and the run's data; returns the constrained space."""
-    s = cfg.search
-    known = reported_keys(s.eval_modes)
-    for key in [s.metric, *s.objectives]:
-        if key not in known:
-            raise SearchError(
-                f"search objective {key!r} is not a key any trial reports; choose from {', '.join(known)}"
-            )
-    if not s.eval_modes or not set(s.eval_modes) <= {"sampling", "greedy"}:
-        raise SearchError(f"search.eval_modes={s.eval_modes}: choose sampling and/or greedy")
-    if s.num_samples < 1 or s.token_budget_per_trial < 1 or s.report_every < 1 or s.num_workers < 1:
-        raise SearchError("search.num_samples, token_budget_per_trial, report_every and num_workers must be >= 1")
-    if s.objectives and s.algorithm != "optuna":
-        raise SearchError("search.objectives (several at once) needs search.algorithm=optuna")
+    s = cfg.search  # its own ranges and keys were checked when it was built (SearchConfig.validate)
     data = Path(data_dir(cfg))
     if not (data / "manifest.json").exists():
         raise SearchError(
@@ -66,7 +54,7 @@ def check_search(cfg: RunConfig, target_config) -> list[Architecture]:
         raise SearchError(str(exc)) from None
 
 
-def device_profile(cfg: RunConfig, layout: SearchLayout, target_config) -> DeviceProfile:
+def device_profile(cfg: FastDraftConfig, layout: SearchLayout, target_config) -> DeviceProfile:
     """``search.device_profile`` if set, else this run's ``profile.json`` when it matches, else measured now."""
     from fastdraft_ray.models.target import load_target
     from fastdraft_ray.specdec.precision import resolve_precision
@@ -125,7 +113,7 @@ def _check_state_api() -> None:
         ) from None
 
 
-def _concurrency(cfg: RunConfig) -> int:
+def _concurrency(cfg: FastDraftConfig) -> int:
     import ray
 
     s = cfg.search
@@ -135,7 +123,7 @@ def _concurrency(cfg: RunConfig) -> int:
     return max(1, cpus // max(1, s.num_workers * s.cpus_per_worker))
 
 
-def default_point(cfg: RunConfig, points: list[Architecture]) -> Architecture | None:
+def default_point(cfg: FastDraftConfig, points: list[Architecture]) -> Architecture | None:
     """The point of the space with the run's own draft shape (None when the space does not hold it)."""
     d = cfg.draft
     want = (d.num_layers, d.hidden_size, d.num_heads, d.num_kv_heads, d.intermediate_size, d.head_vocab, d.init)
@@ -163,7 +151,7 @@ def chosen_points(
 
 
 def _tuner(
-    cfg: RunConfig,
+    cfg: FastDraftConfig,
     layout: SearchLayout,
     trainable,
     points: list[Architecture],
@@ -215,7 +203,7 @@ def _tuner(
     )
 
 
-def run_search(cfg: RunConfig, echo: Callable[[str], None] | None = None) -> SearchResult:
+def run_search(cfg: FastDraftConfig, echo: Callable[[str], None] | None = None) -> SearchResult:
     """Run (or resume) the search of ``cfg.search`` for ``cfg.model.target`` on the current Ray cluster."""
     from ray import tune
 

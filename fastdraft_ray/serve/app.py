@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from fastdraft_ray.config import RunConfig, ServeConfig, load_config
+from fastdraft_ray.config import FastDraftConfig, ServeConfig, load_config
 from fastdraft_ray.serve import schema as W
 from fastdraft_ray.serve.decoder import Decoder, load_decoder, served_model_name
 from fastdraft_ray.serve.metrics import IngressMetrics
@@ -121,9 +121,9 @@ class Ingress:
     def _generation_request(self, body: W.GenerationFields, **prompt) -> W.GenerationRequest | JSONResponse:
         s = self.settings
         max_tokens = s.default_max_tokens if body.max_tokens is None else body.max_tokens
-        if not 1 <= max_tokens <= s.max_new_tokens:
+        if not 1 <= max_tokens <= s.max_tokens_limit:
             return self._client_error(
-                400, f"max_tokens must be between 1 and {s.max_new_tokens} (serve.max_new_tokens), got {max_tokens}",
+                400, f"max_tokens must be between 1 and {s.max_tokens_limit} (serve.max_tokens_limit), got {max_tokens}",
                 param="max_tokens", code="invalid_value",
             )  # fmt: skip
         return W.GenerationRequest(
@@ -226,7 +226,7 @@ class Ingress:
             pieces.cancel()
 
 
-def build_app(cfg: RunConfig, loader: Callable = load_decoder) -> serve.Application:
+def build_app(cfg: FastDraftConfig, loader: Callable = load_decoder) -> serve.Application:
     """The application for ``cfg.serve`` / ``cfg.model``: the ingress bound to a decoder deployment whose
     replicas load the pair with ``loader`` (a module-level function: it travels to the replicas)."""
     s = cfg.serve

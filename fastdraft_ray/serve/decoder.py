@@ -145,7 +145,7 @@ class Decoder:
             "gamma_policy": s.gamma_policy,
             "precision": self.engine.precision,
             "max_prompt_tokens": s.max_prompt_tokens,
-            "max_new_tokens": s.max_new_tokens,
+            "max_new_tokens": s.max_tokens_limit,
         }
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:

@@ -182,7 +182,7 @@ def speculative_stream(
     draft: PreTrainedModel,
     input_ids: torch.LongTensor,
     *,
-    gamma: int = 3,
+    gamma: int | None = None,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -200,12 +200,14 @@ def speculative_stream(
     when fewer are needed, so nothing is computed past the budget. ``_verify`` swaps the sampling rule (tests).
     Closing the stream early (a client that went away) stops the generation: no further forward runs.
 
-    ``policy`` (``specdec.policy``) chooses the number of draft tokens per step instead of the constant
-    ``gamma`` (then ignored): a confidence stop, transformers' heuristic schedule, or a cost model that may
-    choose 0 (a plain target step). Its state carries over when the same object is passed again.
+    The draft length per step: a constant ``gamma`` (default 3), or a ``policy`` (``specdec.policy``: a
+    confidence stop, transformers' heuristic schedule, or a cost model that may choose 0, a plain target step)
+    whose state carries over when the same object is passed again; give one of the two, not both.
     """
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
-    policy = policy if policy is not None else GammaPolicy(gamma)
+    if policy is not None and gamma is not None:
+        raise TypeError("give gamma or policy, not both: a policy chooses the draft length of every step")
+    policy = policy if policy is not None else GammaPolicy(3 if gamma is None else gamma)
     check_compatible(target, draft)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
     t_run, d_run = CachedRunner(target), CachedRunner(draft)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
+from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.stage_graph import COMPUTE, TRAINING
 
 
 def read_scalars(tb_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val/loss")) -> dict[str, list]:
@@ -17,7 +18,7 @@ def read_scalars(tb_dir: str | Path, tags: tuple[str, ...] = ("train/loss", "val
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] if tag in present else [] for tag in tags}
 
 
-def plot_loss_curves(layout: RunLayout, out_png: str | Path, stages: tuple[str, ...] = TRAINING_STAGES) -> Path:
+def plot_loss_curves(layout: RunLayout, out_png: str | Path, stages: tuple[str, ...] = TRAINING) -> Path:
     """One figure, stages laid end to end on a tokens axis: train loss as lines, validation loss as markers."""
     import matplotlib
 
@@ -57,7 +58,6 @@ def plot_loss_curves(layout: RunLayout, out_png: str | Path, stages: tuple[str, 
 
 
 PROXY_TAGS = ("train/proxy_acceptance", "train/proxy_top1", "train/elapsed_s")
-COMPUTE_ORDER = ("pt", "cp", "generate", "ft")  # the pipeline's order of the stages that cost compute
 
 
 def stage_wall_s(layout: RunLayout, stage: str) -> float | None:
@@ -75,7 +75,7 @@ def proxy_curve(layout: RunLayout) -> list[dict]:
     Within a stage the clock is its ``train/elapsed_s``; each finished stage then adds its whole DONE.json wall time
     (start-up and export included), so a later stage's points sit after everything spent before it."""
     rows, offset = [], 0.0
-    for stage in COMPUTE_ORDER:
+    for stage in COMPUTE:
         if stage != "generate" and layout.stage(stage).tensorboard.exists():
             scalars = {k: dict(v) for k, v in read_scalars(layout.stage(stage).tensorboard, PROXY_TAGS).items()}
             for step, value in sorted(scalars["train/proxy_acceptance"].items()):

@@ -22,49 +22,12 @@ import time
 from pathlib import Path
 
 from fastdraft_ray.assets import sha256_file
-from fastdraft_ray.config import ConfigError, RunConfig, config_from_dict, to_dict, training_settings
-from fastdraft_ray.layout import TRAINING_STAGES, RunLayout
+from fastdraft_ray.config import FastDraftConfig, to_dict
+from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.models.construct import prepare_init
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
 log = logging.getLogger(__name__)
-UPSTREAM_DRAFT = {"pt": None, "cp": "pt", "ft": "cp"}  # the stage whose export a training stage starts from
-
-
-def upstream_stage(cfg: RunConfig, stage: str) -> str | None:
-    """The training stage whose export ``stage`` starts from: the nearest earlier training stage that
-    ``pipeline.stages`` runs (so FT starts from PT when the pipeline leaves CP out), else ``UPSTREAM_DRAFT``'s
-    (CP from PT, FT from CP); None for PT (a fresh draft derived from the target)."""
-    chain = list(UPSTREAM_DRAFT)
-    earlier = [s for s in chain[: chain.index(stage)] if s in cfg.pipeline.stages]
-    return earlier[-1] if earlier else UPSTREAM_DRAFT[stage]
-
-
-def init_source(cfg: RunConfig, stage: str) -> str | None:
-    """The HF draft folder a training stage starts from: ``draft.init_from``, else the export of its
-    ``upstream_stage``, else None (PT: a fresh draft derived from the target)."""
-    if cfg.draft.init_from:
-        return cfg.draft.init_from
-    upstream = upstream_stage(cfg, stage)
-    return str(RunLayout.of(cfg).stage(upstream).export) if upstream else None
-
-
-def completed_record(cfg: RunConfig) -> dict | None:
-    """The stage's DONE.json if it finished with this same config; raises if it finished with another one."""
-    done = RunLayout.of(cfg).stage(cfg.train.stage).done
-    if not done.exists():
-        return None
-    record = json.loads(done.read_text())
-    try:
-        same = training_settings(config_from_dict(record.get("config", {}))) == training_settings(cfg)
-    except ConfigError:  # written by a version with other config keys
-        same = False
-    if not same:
-        raise ValueError(
-            f"{done} records a finished run with different model/draft/data/train settings; choose another "
-            "run_name (or delete that stage folder to retrain it)"
-        )
-    return record
 
 
 def resume_position(sdir: str | Path) -> DataPosition | None:
@@ -90,7 +53,7 @@ def resume_position(sdir: str | Path) -> DataPosition | None:
 
 
 def build_datasets(
-    data_dir: str, cfg: RunConfig, start_row: int, end_row: int, tokenizer_hash: str, rows_per_epoch: int
+    data_dir: str, cfg: FastDraftConfig, start_row: int, end_row: int, tokenizer_hash: str, rows_per_epoch: int
 ) -> dict:
     """``{"train": rows [start_row, end_row) of the global order, "val": the val split}`` as Ray Datasets."""
     from fastdraft_ray.data.stream import read_manifest, training_dataset
@@ -138,43 +101,22 @@ def _check_cpus(tc) -> None:
         )
 
 
-def run_stage_job(cfg: RunConfig, data_dir: str, init_from: str | None) -> dict:
-    """What a stage job does once its inputs are known: start Ray (locally with one logical CPU more than the
-    cores, so Ray Data can read shards beside the workers), train, and print a short summary."""
-    from fastdraft_ray.ray_runtime import init_ray, local_ray_cpus
-
-    init_ray(**local_ray_cpus(cfg.train.num_workers * cfg.train.cpus_per_worker + 1))
-    record = train_stage(cfg, data_dir, init_from=init_from)
-    metrics = record["metrics"]
-    print(
-        f"stage {cfg.train.stage}: {record['geometry']['tokens']:,} tokens in {record['wall_time_s']:.0f} s; "
-        f"train/loss {metrics.get('train/loss')}, val/loss {metrics.get('val/loss')}"
-    )
-    print(f"draft exported to {record['outputs']['export']}")
-    layout = RunLayout.of(cfg)
-    if not layout.remote:  # a picture of the run so far: train/val loss of every finished stage
-        from fastdraft_ray.train.curves import plot_loss_curves
-
-        print(f"loss curve: {plot_loss_curves(layout, layout.loss_curve)}")
-    return record
-
-
 def train_stage(
-    cfg: RunConfig,
+    cfg: FastDraftConfig,
     data_dir: str,
     *,
     init_from: str | None = None,
-    extra_loop_config: dict | None = None,
     proxy=None,
     callbacks: list | None = None,
+    speedup_model=None,
+    hooks=None,
 ) -> dict:
     """Train stage ``cfg.train.stage`` on the prepared shards in ``data_dir``; returns the DONE.json record.
 
     Resumes the stage's latest checkpoint if the run directory has one (``resume_position``; DONE.json's
-    ``resumed_from`` records which). ``extra_loop_config`` is merged into the worker config (loop.py: the
-    search's ``speedup_model``, test hooks ``trace_dir``/``fail_at``). ``proxy``: a ``ProxySet`` to score
-    (default: the run's own, built on first use); ``callbacks``: Ray Train callbacks (the search's
-    ``TuneReportCallback``).
+    ``resumed_from`` records which). ``proxy``: a ``ProxySet`` to score (default: the run's own, built on first
+    use); ``callbacks``: Ray Train callbacks and ``speedup_model``: a ``stats.SpeedupModel`` (the search's
+    ``TuneReportCallback`` and latency model); ``hooks``: the loop's test ``Hooks`` (audit trace, a planted death).
     """
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -184,12 +126,10 @@ def train_stage(
     from fastdraft_ray.data.stream import read_manifest
     from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
     from fastdraft_ray.train.deepspeed import deepspeed_config
-    from fastdraft_ray.train.loop import train_fn_per_worker
+    from fastdraft_ray.train.loop import Hooks, LoopSpec, train_fn_per_worker
     from fastdraft_ray.train.losses import check_loss_settings
 
     stage, tc = cfg.train.stage, cfg.train
-    if stage not in TRAINING_STAGES:
-        raise ValueError(f"train.stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
     started = time.time()
     paths = RunLayout.of(cfg).stage(stage)
     sdir = paths.root
@@ -222,22 +162,23 @@ def train_stage(
         from fastdraft_ray.train.proxy import load_or_build
 
         proxy = load_or_build(cfg)
-    loop_config = {
-        "proxy": proxy,
-        "run": to_dict(cfg),
-        "init_dir": str(init_dir),
-        "stage_dir": str(sdir),
-        "seq_len": geo.seq_len,
-        "rows_per_epoch": rows_per_epoch,
-        "data_start_row": start_row,
-        "has_val": "val" in datasets,
-        "kd_layout": manifest.get("kd_layout"),  # FT rows (train/kd_rows.py); None for packed text
-        **(extra_loop_config or {}),
-    }
+    spec = LoopSpec(
+        run=cfg,
+        init_dir=str(init_dir),
+        stage_dir=str(sdir),
+        seq_len=geo.seq_len,
+        rows_per_epoch=rows_per_epoch,
+        data_start_row=start_row,
+        has_val="val" in datasets,
+        kd_layout=manifest.get("kd_layout"),  # FT rows (train/kd_rows.py); None for packed text
+        proxy=proxy,
+        speedup_model=speedup_model,
+        hooks=hooks or Hooks(),
+    )
     resources = {"CPU": tc.cpus_per_worker, **tc.worker_resources}  # Ray adds GPU: 1 when use_gpu
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
         ),

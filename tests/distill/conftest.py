@@ -1,5 +1,5 @@
 """Fixtures for the distillation tests: the tiny target (96-token word-level tokenizer), an alpaca-shaped prompt
-file whose items are never evaluation-reserved, a private Ray, and a generation RunConfig."""
+file whose items are never evaluation-reserved, a private Ray, and a generation FastDraftConfig."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def write_alpaca(path: Path, n: int) -> Path:
     return path
 
 
-def gen_config(target: Path, storage: Path, prompts: Path, **generate):
+def gen_config(target: Path, storage: Path, prompts: Path, extra: tuple[str, ...] = (), **generate):
     overrides = [
         f"model.target={target}",
         f"storage={storage}",
@@ -46,4 +46,4 @@ def gen_config(target: Path, storage: Path, prompts: Path, **generate):
         "generate.min_prompt_chars=2",
     ]
     overrides += [f"generate.{k}={v}" for k, v in generate.items()]
-    return load_config(None, overrides)
+    return load_config(None, [*overrides, *extra])

@@ -191,6 +191,7 @@ def test_on_policy_rows_are_written_by_the_draft_and_scored_by_the_target(tmp_pa
         tiny_target,
         tmp_path,
         prompts,
+        ("stages.ft.train.kd_loss=kl",),  # on-policy rows teach only through the target's scores
         topk_logprobs=3,
         onpolicy_fraction=0.5,
         onpolicy_draft=str(draft_dir),

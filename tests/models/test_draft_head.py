@@ -264,5 +264,5 @@ def test_config_errors_are_clear():
         derive_draft_config(tiny_config("gpt_neox"), SMALL)
     with pytest.raises(ValueError, match="distinct token ids"):
         build_draft(trimmed_config(tiny_config(), 4)).lm_head.set_kept_ids([1, 1, 2, 3])
-    with pytest.raises(ValueError, match="must be one of random, pca, layers"):
+    with pytest.raises(ValueError, match="draft.init: 'svd' is not one of 'random', 'pca', 'layers'"):
         derive_draft_config(tiny_config(), DraftConfig(init="svd"))

@@ -1,5 +1,5 @@
-"""Issue 14's test: a tiny search (random tiny target, 3 trials, 2 training workers per trial) as a Ray job on a
-2-node ``ray.cluster_utils.Cluster`` is stopped mid-way, submitted again, and resumes (``Tuner.restore``): the trial
+"""A tiny search (random tiny target, 3 trials, 2 training workers per trial) as a Ray job on a private Ray head
+is stopped mid-way, submitted again, and resumes (``Tuner.restore``): the trial
 that had finished is kept, not re-trained, and every trial ends with its result, its TensorBoard events (Tune's and
 the training stage's, with the proxy scalar) and a row in the table; the recipe loads as a config."""
 
@@ -21,7 +21,7 @@ from tests.train.conftest import save_tiny_target
 
 @pytest.fixture
 def job_client():
-    with job_cluster(1, node_cpus=(2,)) as client:  # a head and a worker node: 3 CPUs, 2 trial workers + reads
+    with job_cluster(3) as client:  # 2 trial workers + Ray Data's reads
         yield client
 
 

@@ -82,7 +82,7 @@ def tiny_app(serve_instance) -> str:
     return deploy(
         serve_instance,
         "tiny",
-        [*TINY, f"serve.api_keys=[{API_KEY}]", "serve.max_prompt_tokens=64", "serve.max_new_tokens=256"],
+        [*TINY, f"serve.api_keys=[{API_KEY}]", "serve.max_prompt_tokens=64", "serve.max_tokens_limit=256"],
         tiny_loader,
     )
 

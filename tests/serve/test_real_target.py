@@ -37,7 +37,7 @@ def real_draft(smollm2, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def real_app(serve_instance, real_draft):
-    settings = ["serve.threads=1", "serve.gamma=2", f"serve.api_keys=[{API_KEY}]", "serve.max_new_tokens=384"]
+    settings = ["serve.threads=1", "serve.gamma=2", f"serve.api_keys=[{API_KEY}]", "serve.max_tokens_limit=384"]
     return deploy(serve_instance, "real", [f"serve.draft={real_draft}", *settings, "serve.max_prompt_tokens=1024"])
 
 

@@ -23,6 +23,7 @@ from fastdraft_ray.specdec.decode import (
     speculative_generate,
 )
 from fastdraft_ray.specdec.engine import SpecDecoder
+from fastdraft_ray.specdec.policy import GammaPolicy
 from tests.conftest import tiny_config
 
 EXACT_FAMILIES = ["llama", "qwen2", "gpt_neox", "mistral", "phi3", "gemma"]
@@ -237,6 +238,8 @@ def test_input_validation():
         speculative_generate(target, target, ids.repeat(2, 1))
     with pytest.raises(ValueError, match="gamma"):
         speculative_generate(target, target, ids, gamma=0)
+    with pytest.raises(TypeError, match="gamma or policy, not both"):
+        speculative_generate(target, target, ids, gamma=2, policy=GammaPolicy(3))
     with pytest.raises(ValueError, match="max_new_tokens"):
         autoregressive_generate(target, ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):

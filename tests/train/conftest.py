@@ -46,7 +46,7 @@ def tiny_data(tmp_path_factory, tiny_hash) -> Path:
 
 
 def tiny_run_config(tiny_target: Path, storage: Path, run_name: str = "t", **train):
-    """A RunConfig for the tiny target: 2-layer 32-wide draft, 2 workers x 1 CPU, ZeRO-2, fp32."""
+    """A FastDraftConfig for the tiny target: 2-layer 32-wide draft, 2 workers x 1 CPU, ZeRO-2, fp32."""
     overrides = [
         f"model.target={tiny_target}",
         f"storage={storage}",

@@ -47,6 +47,7 @@ def test_ft_stage_trains_on_kd_rows_from_the_given_draft(tmp_path, tiny_target, 
     from fastdraft_ray.distill.ftdata import build_ft_rows
     from fastdraft_ray.models.construct import prepare_init
     from fastdraft_ray.models.target import load_tokenizer
+    from fastdraft_ray.train.loop import Hooks
     from fastdraft_ray.train.run import train_stage
     from tests.train.conftest import tiny_run_config
 
@@ -69,9 +70,7 @@ def test_ft_stage_trains_on_kd_rows_from_the_given_draft(tmp_path, tiny_target, 
     )
     cfg = stage_config(base, "ft")
     init = prepare_init(cfg, tmp_path / "cp_export", None)  # stands in for the CP export
-    record = train_stage(
-        cfg, str(tmp_path / "ft_rows"), init_from=str(init), extra_loop_config={"trace_dir": str(tmp_path)}
-    )
+    record = train_stage(cfg, str(tmp_path / "ft_rows"), init_from=str(init), hooks=Hooks(trace_dir=str(tmp_path)))
     assert record["stage"] == "ft" and record["inputs"]["init_sha256"] == sha256_file(init / "model.safetensors")
     trace = [json.loads(line) for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
     first, last = trace[0]["loss"], np.mean([t["loss"] for t in trace[-3:]])

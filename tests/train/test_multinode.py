@@ -29,6 +29,7 @@ def cluster():
 
 
 def _run(tiny_target, tiny_data, tmp_path, name):
+    from fastdraft_ray.train.loop import Hooks
     from fastdraft_ray.train.run import train_stage
 
     cfg = tiny_run_config(
@@ -41,7 +42,7 @@ def _run(tiny_target, tiny_data, tmp_path, name):
     )
     trace_dir = tmp_path / f"trace_{name}"
     trace_dir.mkdir()
-    record = train_stage(cfg, str(tiny_data), extra_loop_config={"trace_dir": str(trace_dir)})
+    record = train_stage(cfg, str(tiny_data), hooks=Hooks(trace_dir=str(trace_dir)))
     return record, read_trace(trace_dir), tmp_path / "runs" / name / "pt" / "export"
 
 

@@ -88,5 +88,7 @@ def test_teacher_topk_is_renormalised_over_the_head_and_truncates():
 
 
 def test_online_teacher_with_plain_ce_is_refused():
+    from fastdraft_ray.config import TrainConfig
+
     with pytest.raises(ValueError, match="teacher=online needs"):
-        make_loss_fn(None, "ce", teacher=_teacher())
+        TrainConfig(teacher="online", kd_loss="ce")

@@ -19,11 +19,13 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     from transformers import AutoModelForCausalLM
 
     from fastdraft_ray.models.draft import check_compatible
-    from fastdraft_ray.train.run import completed_record, resume_position, train_stage
+    from fastdraft_ray.pipeline.stages import build_stage
+    from fastdraft_ray.train.loop import Hooks
+    from fastdraft_ray.train.run import resume_position, train_stage
 
     # 24 steps x 4 rows = 96 rows: all 64 rows of epoch 0, then the first 32 of epoch 1
     cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=1536)
-    record = train_stage(cfg, str(tiny_data), extra_loop_config={"trace_dir": str(tmp_path)})
+    record = train_stage(cfg, str(tiny_data), hooks=Hooks(trace_dir=str(tmp_path)))
 
     geo = Geometry(2, 2, 1, 16)
     total = geo.total_steps(1536)
@@ -69,17 +71,23 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     assert 0.0 <= record["metrics"]["train/proxy_acceptance"] <= 1.0
     assert record["metrics"]["train/proxy_acceptance"] == events.Scalars("train/proxy_acceptance")[-1].value
 
-    # the finished stage is recognised by the job (same training settings) and skipped, whatever the
-    # evaluation settings or speed-only knobs say; other training settings are refused
-    assert completed_record(cfg)["metrics"] == record["metrics"]
+    # the finished stage is recognised by the pipeline's stage (which every stage job runs: same training
+    # settings) and adopted, whatever the evaluation settings or speed-only knobs say; other training settings
+    # are a re-run, and the message says which
+    def adopt(cfg) -> str | None:
+        on_these_shards = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output=str(tiny_data)))
+        return build_stage("pt", on_these_shards, ["pt"]).adopt()
+
+    assert adopt(cfg) is None
     other_sections = dataclasses.replace(
         cfg,
         evaluate=dataclasses.replace(cfg.evaluate, gamma=5),
         train=dataclasses.replace(cfg.train, log_every=7, proxy_every=3, proxy_tokens=5),
     )
-    assert completed_record(other_sections)["metrics"] == record["metrics"]
-    with pytest.raises(ValueError, match="different model/draft/data/train settings"):
-        completed_record(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=2048))
+    assert adopt(other_sections) is None
+    assert adopt(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=2048)) == (
+        "settings changed: train.token_budget"
+    )
 
 
 def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_target):
