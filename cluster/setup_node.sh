@@ -5,12 +5,12 @@
 set -euo pipefail
 REPO=${1:-$(cd "$(dirname "$0")/.." && pwd)}
 PIP=(python -m pip install -q)
-# torch (PyPI's Linux wheel is the CUDA build) and vLLM in ONE resolve, so pip picks a vLLM whose torch pin fits
-# the project's range (or fails here, at set-up, instead of at run time).
+# torch (PyPI's Linux wheel is the CUDA build) and vLLM in ONE resolve: ray[llm] 2.60 pins the vLLM its
+# ray.data.llm is built for (0.29.0), which pins torch 2.13.0, the project's torch (a mismatch fails here, at set-up).
 if [ "${WITH_VLLM:-1}" = 1 ]; then
-  "${PIP[@]}" "torch>=2.13,<2.15" vllm
+  "${PIP[@]}" "torch==2.13.0" "ray[llm]>=2.60,<2.61"
 else
-  "${PIP[@]}" "torch>=2.13,<2.15"
+  "${PIP[@]}" "torch==2.13.0"
 fi
 # DeepSpeed ships only an sdist whose setup.py imports torch: build it against the torch above, ops JIT-compiled.
 "${PIP[@]}" setuptools wheel

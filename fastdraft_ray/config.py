@@ -296,6 +296,8 @@ class GenerateConfig(Section):
         self.need(0 <= self.onpolicy_fraction <= 1, "onpolicy_fraction", "must be in [0, 1]")
         self.need(self.backend != "vllm" or not self.onpolicy_fraction, "onpolicy_fraction",
                   "on-policy rows are written by backend=hf only")  # fmt: skip
+        self.need(self.backend != "vllm" or not self.topk_logprobs, "topk_logprobs",
+                  "the target's top-k log-probs are written by backend=hf only (set 0 with backend=vllm)")  # fmt: skip
 
 
 PRECISION_CHOICES = Literal["", "fp32", "bf16", "fp16", "int8"]
@@ -459,7 +461,9 @@ class SearchConfig(Section):
     params_budget: float = doc(30e6, "Largest parameter count of a candidate (see budget_kind).")
     min_params: float = doc(0.0, "Smallest parameter count of a candidate.")
     budget_kind: Literal["total", "non_embedding"] = doc(
-        "total", "What params_budget counts: total or non_embedding."
+        "non_embedding",
+        "What params_budget counts: non_embedding (any vocabulary: a 128k-token embedding is ~33M params at width "
+        "256) or total.",
     )
     algorithm: Literal["random", "optuna"] = doc(
         "random",
@@ -590,6 +594,11 @@ class PipelineConfig(Section):
         "Stage exports evaluated together against one shared target baseline (unfinished: left out).",
     )
     force: list = doc([], "Stages to re-run from scratch even when finished with the same settings and inputs.")
+    preflight: bool = doc(
+        True,
+        "Check the target, every data and prompt source, the cluster's resources and the storage before the first "
+        "stage (jobs/pipeline.py --check runs only the checks); a failed check stops the run.",
+    )
 
     def validate(self) -> None:
         for key in ("stages", "force"):

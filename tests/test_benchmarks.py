@@ -9,7 +9,9 @@ import pytest
 
 from tests.entry_points import run_as_main
 
-BENCHMARKS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("bench_*.py"))
+BENCHMARKS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py") if p.name != "harness.py"
+)
 
 
 @pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: p.stem)

@@ -4,8 +4,9 @@ Spec grammar: ``<location>[?key=value&key=value]``
 
 * ``embedded:<name>`` — ``code``, ``shakespeare``, ``kjv``, ``wiki``, ``c4``, ``sharegpt``, or ``text``
   (shakespeare + kjv + wiki + c4). See :mod:`fastdraft_ray.data.embedded`.
-* ``hub:<dataset id>`` — streamed with ``datasets`` (needs a hub); options ``config``, ``split`` (train),
-  ``revision``, ``field``, ``messages``.
+* ``hub:<dataset id>`` — streamed with ``datasets`` (needs a hub; ``HF_TOKEN`` for gated ones); options
+  ``config``, ``data_dir`` (a subfolder, e.g. one language of a code corpus), ``split`` (train), ``revision``,
+  ``field``, ``messages``. ``UNUSABLE_HUB`` lists hub datasets whose rows hold no text (refused before any work).
 * anything else — a file, folder or glob, local or any fsspec URL (``s3://``, ``gs://``, ...): ``*.parquet``,
   ``*.jsonl`` / ``*.json`` (JSON lines or one JSON array; ``.gz``/``.zst``/``.bz2``/``.xz`` compressed) and
   ``*.txt``. Options: ``field`` (text column, default ``text``), ``messages`` (column of chat turns, formatted
@@ -42,7 +43,15 @@ FORMATS = {
     ".text": "txt",
     ".md": "txt",
 }
-OPTIONS = {"field", "messages", "format", "split_by", "config", "split", "revision"}
+OPTIONS = {"field", "messages", "format", "split_by", "config", "data_dir", "split", "revision"}
+# Hub datasets that look like corpora but whose rows hold no text to train on: what to use instead.
+UNUSABLE_HUB = {
+    "bigcode/the-stack-v2": "its rows hold Software Heritage blob ids, not file contents (those are downloaded "
+    "separately from Software Heritage's S3 bucket); use hub:bigcode/the-stack-dedup?data_dir=data/python&field=content "
+    "(gated: accept its terms on the hub, then set HF_TOKEN) or files of your own",
+}
+UNUSABLE_HUB["bigcode/the-stack-v2-dedup"] = UNUSABLE_HUB["bigcode/the-stack-v2"]
+UNUSABLE_HUB["bigcode/the-stack-v2-train-full-ids"] = UNUSABLE_HUB["bigcode/the-stack-v2"]
 
 
 class SourceError(ValueError):
@@ -84,7 +93,10 @@ def parse_spec(spec: str) -> SourceSpec:
     if location.startswith("embedded:"):
         return SourceSpec(spec, "embedded", location.split(":", 1)[1], options)
     if location.startswith("hub:"):
-        return SourceSpec(spec, "hub", location.split(":", 1)[1], options)
+        dataset = location.split(":", 1)[1]
+        if dataset in UNUSABLE_HUB:
+            raise SourceError(f"source {spec!r}: {UNUSABLE_HUB[dataset]}")
+        return SourceSpec(spec, "hub", dataset, options)
     return SourceSpec(spec, "files", location, options)
 
 
@@ -237,6 +249,7 @@ def _hub_dataset(dataset_id: str, options: dict):
         return datasets.load_dataset(
             dataset_id,
             name=options.get("config") or None,
+            data_dir=options.get("data_dir") or None,
             split=options.get("split", "train"),
             revision=options.get("revision") or None,
             streaming=True,

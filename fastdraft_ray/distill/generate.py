@@ -198,13 +198,14 @@ def response_units(cfg: FastDraftConfig, kd: KDLayout, prompts: pa.Table) -> lis
 
 
 def run_generation(
-    cfg: FastDraftConfig, *, onpolicy_draft: str | None = None, max_units: int | None = None
+    cfg: FastDraftConfig, *, onpolicy_draft: str | None = None, max_units: int | None = None, processor=None
 ) -> dict:
     """Generate (or finish generating) the KD data of ``cfg``; returns the DONE.json record.
 
     ``onpolicy_draft``: the draft that writes on-policy rows when ``generate.onpolicy_draft`` names none (the
     pipeline passes the export FT starts from). ``max_units`` stops after that many pending units (a controlled
-    interruption; returns ``{"done": False}``).
+    interruption; returns ``{"done": False}``). ``processor``: what ``backend=vllm`` sends its rows through
+    (default: vLLM engines; tests: the HF stand-in, ``vllm_backend.hf_processor``).
     """
     from fastdraft_ray.models.target import load_tokenizer
 
@@ -238,7 +239,7 @@ def run_generation(
     if g.backend == "vllm":
         from fastdraft_ray.distill.vllm_backend import run_vllm_units
 
-        run_vllm_units(cfg, pending)
+        run_vllm_units(cfg, pending, processor)
     else:
         run_units(cfg, pending, draft)
     if any(not Path(u["path"]).exists() for u in units):

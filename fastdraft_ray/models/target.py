@@ -66,6 +66,18 @@ def load_target_config(spec: str, trust_remote_code: bool = False) -> Pretrained
         raise _hub_error(spec, exc) from exc
 
 
+def load_generation_config(spec: str):
+    """The target's generation config (its stop tokens among them) without the weights; the model config when the
+    folder has no ``generation_config.json``."""
+    from transformers import GenerationConfig
+
+    where, _ = resolve_target(spec)
+    try:
+        return GenerationConfig.from_pretrained(where)
+    except OSError:  # no generation_config.json: the model config's eos_token_id is what generate() uses
+        return load_target_config(spec)
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """The target's tokenizer (also the draft's: drafts share it)."""
     where, gguf = resolve_target(spec)

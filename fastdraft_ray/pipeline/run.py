@@ -220,6 +220,8 @@ def run_pipeline(
     records = _read_records(record_path)
     outcomes: list[StageOutcome] = []
     say(f"run directory {run_dir}; stages: {', '.join(to_run)}")
+    if cfg.pipeline.preflight and to_run:
+        _preflight(cfg, to_run, say)
     for name in stage_graph.ORDER:
         if name not in to_run:
             outcomes.append(StageOutcome(name, "not_selected"))
@@ -250,6 +252,25 @@ def run_pipeline(
     elif only is None:
         say("no evaluation results yet: add 'evaluate' to pipeline.stages for the report")
     return PipelineResult(str(run_dir), outcomes, report)
+
+
+def _preflight(cfg: FastDraftConfig, stages: list[str], say: Callable[[str], None]) -> None:
+    """The preflight checks for ``stages``: one summary line, or a PipelineError listing every failed check."""
+    from fastdraft_ray.pipeline.preflight import preflight
+
+    started = time.time()
+    checks = preflight(cfg, stages)
+    failed = [c for c in checks if c.status == "fail"]
+    if failed:
+        lines = "\n".join(f"- {c.name}: {c.detail}" for c in failed)
+        raise PipelineError(
+            f"preflight: {len(failed)} check(s) failed before any stage started (python jobs/pipeline.py --check "
+            f"lists every check; pipeline.preflight=false skips them):\n{lines}"
+        )
+    skipped = sum(c.status == "skip" for c in checks)
+    say(
+        f"preflight: {len(checks) - skipped} checks passed, {skipped} skipped, in {_minutes(time.time() - started)}"
+    )
 
 
 def _run_stage(

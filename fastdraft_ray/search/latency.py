@@ -103,6 +103,8 @@ def measure_target(
     machine = (
         f"{platform.processor() or platform.machine()}; {os.cpu_count()} logical cores; torch {torch.__version__}"
     )
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}; {machine}"
     return DeviceProfile(
         name,
         device.type,
@@ -114,6 +116,36 @@ def measure_target(
         machine=machine,
         linear_kernel=linear_kernel,
     )
+
+
+def profile_target(
+    model, device: str, precision: str, threads: int, context: int, repeats: int, linear_kernel: str
+) -> DeviceProfile:
+    """Load the target (``ModelConfig``) on ``device`` and measure it (``measure_target``): the search runs this as
+    a Ray task holding that device, so a 7-8B target is never loaded in the job's driver."""
+    from fastdraft_ray.models.target import load_target
+
+    torch.set_num_threads(max(1, threads))
+    target, _ = load_target(model.target, model.dtype, device=device, trust_remote_code=model.trust_remote_code)
+    return measure_target(target, model.target, precision, threads, context, repeats, linear_kernel)
+
+
+def measure_drafts(archs: list[Architecture], target_config, profile: DeviceProfile, repeats: int = 7) -> dict:
+    """``{name: decode-step seconds}`` of each architecture (``measure_draft``, kept in ``profile.drafts``) on the
+    profile's device: in this process for a CPU profile, in one Ray task holding a GPU for a cuda one."""
+    todo = list({a.name: a for a in archs if a.name not in profile.drafts}.values())
+    if todo and profile.device == "cuda":
+        import ray
+
+        task = ray.remote(num_gpus=1)(_measure_all)
+        profile.drafts.update(ray.get(task.remote(todo, target_config, profile, repeats)))
+    for arch in todo:
+        measure_draft(arch, target_config, profile, repeats)  # CPU: here (cuda: already in profile.drafts)
+    return {a.name: profile.drafts[a.name] for a in archs}
+
+
+def _measure_all(archs: list[Architecture], target_config, profile: DeviceProfile, repeats: int) -> dict:
+    return {a.name: measure_draft(a, target_config, profile, repeats) for a in archs}
 
 
 def measure_draft(arch: Architecture, target_config, profile: DeviceProfile, repeats: int = 7) -> float:

@@ -1,6 +1,6 @@
 """One search trial (a Ray Tune function trainable): price the shape, train it briefly, measure it.
 
-1. The shape's draft decode step is measured on the profile's device and threads (``latency.measure_draft``), so
+1. The shape's draft decode step is measured on the profile's device and threads (``latency.measure_drafts``), so
    c and the target's verify curve form the trial's ``SpeedupModel``.
 2. The draft is trained through the project's own stack (``train.run.train_stage``: Ray Train V2 ``TorchTrainer``
    + DeepSpeed, launched inside this trainable) for ``search.token_budget_per_trial`` tokens of ``search.data``,
@@ -29,7 +29,7 @@ from fastdraft_ray.config import (
 )
 from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.models.construct import head_vocab_sources
-from fastdraft_ray.search.latency import DeviceProfile, measure_draft
+from fastdraft_ray.search.latency import DeviceProfile, measure_drafts
 from fastdraft_ray.search.space import Architecture
 from fastdraft_ray.specdec import stats
 from fastdraft_ray.train.position import Geometry
@@ -128,7 +128,7 @@ def run_trial(config: dict, base: dict, proxy, profile: dict, points: dict) -> N
     arch = Architecture.from_dict(points[config["arch"]])
     device = DeviceProfile(**profile)
     target_config = load_target_config(cfg.model.target, cfg.model.trust_remote_code)
-    step_s = measure_draft(arch, target_config, device, cfg.search.latency_repeats)
+    step_s = measure_drafts([arch], target_config, device, cfg.search.latency_repeats)[arch.name]
     model = device.speedup_model(arch, cfg.evaluate.max_gamma)
     trial = f"{arch.name}_{ray.tune.get_context().get_trial_id()}"
     data = data_dir(cfg)

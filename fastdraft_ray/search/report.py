@@ -16,7 +16,7 @@ import yaml
 from fastdraft_ray import markdown
 from fastdraft_ray.config import MODES, DraftConfig, FastDraftConfig, to_dict
 from fastdraft_ray.layout import SearchLayout
-from fastdraft_ray.search.latency import DeviceProfile, measure_draft
+from fastdraft_ray.search.latency import DeviceProfile, measure_drafts
 from fastdraft_ray.search.space import Architecture, shape_at
 
 COLUMNS = (
@@ -104,14 +104,14 @@ def latency_grid(cfg: FastDraftConfig, profile: DeviceProfile, target_config) ->
     s, head_dim = cfg.search, head_dim_of(target_config)
     groups, ratio = (s.gqa_groups or [1])[0], (s.intermediate_ratios or [3.0])[0]
     k = 8192 if 8192 in s.head_vocabs else (s.head_vocabs or [0])[0]
-    grid = {}
+    cells = {}
     for layers in s.layers:
         for hidden in s.hidden_sizes:
             shape = shape_at(layers, hidden, groups, ratio, k, "random", head_dim)
             if shape is not None:
-                arch = Architecture.of(shape)
-                grid[(layers, hidden)] = 1000 * measure_draft(arch, target_config, profile, s.latency_repeats)
-    return grid
+                cells[(layers, hidden)] = Architecture.of(shape)
+    seconds = measure_drafts(list(cells.values()), target_config, profile, s.latency_repeats)
+    return {cell: 1000 * seconds[arch.name] for cell, arch in cells.items()}
 
 
 def plot_search(layout: SearchLayout, rows: list[dict], grid: dict, metric: str, budget: str) -> dict[str, str]:

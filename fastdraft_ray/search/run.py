@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastdraft_ray.config import ConfigError, FastDraftConfig, stage_config, to_dict
 from fastdraft_ray.layout import RunLayout, SearchLayout
-from fastdraft_ray.search.latency import DeviceProfile, measure_draft, measure_target
+from fastdraft_ray.search.latency import DeviceProfile, measure_drafts, profile_target
 from fastdraft_ray.search.objective import data_dir, run_trial, trial_steps
 from fastdraft_ray.search.space import Architecture, enumerate_space, sample_points
 
@@ -56,40 +56,37 @@ def check_search(cfg: FastDraftConfig, target_config) -> list[Architecture]:
 
 def device_profile(cfg: FastDraftConfig, layout: SearchLayout, target_config) -> DeviceProfile:
     """``search.device_profile`` if set, else this run's ``profile.json`` when it matches, else measured now."""
-    from fastdraft_ray.models.target import load_target
+    import ray
+
     from fastdraft_ray.specdec.precision import resolve_precision
 
     s = cfg.search
     precision = resolve_precision(cfg.evaluate.precision, cfg.model.dtype)
+    device = "cuda" if cfg.evaluate.use_gpu else "cpu"  # where the drafts will run: beside the evaluated target
     for path in [Path(s.device_profile)] if s.device_profile else [layout.profile]:
         if path.exists():
             profile = DeviceProfile.load(path)
             if profile.target != cfg.model.target and s.device_profile:
                 raise SearchError(f"{path} profiles target {profile.target}, not {cfg.model.target}")
             if s.device_profile or (
+                profile.device,
                 profile.threads,
                 profile.context,
                 profile.precision,
                 profile.linear_kernel,
-            ) == (s.threads, s.latency_context, precision, cfg.evaluate.linear_kernel):
+            ) == (device, s.threads, s.latency_context, precision, cfg.evaluate.linear_kernel):
                 return profile
         elif s.device_profile:
             raise SearchError(
                 f"search.device_profile={path}: no such file (a profile.json an earlier search wrote)"
             )
-    target, _ = load_target(cfg.model.target, cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    profile = measure_target(
-        target,
-        cfg.model.target,
-        precision,
-        s.threads,
-        s.latency_context,
-        max(15, s.latency_repeats),
-        cfg.evaluate.linear_kernel,
-    )
+    args = (cfg.model, device, precision, s.threads, s.latency_context, max(15, s.latency_repeats))
+    task = ray.remote(profile_target).options(num_cpus=s.threads, num_gpus=1 if device == "cuda" else 0)
+    profile = ray.get(task.remote(*args, cfg.evaluate.linear_kernel))  # on the drafts' device, not the driver
     log.info(
-        "device profile %s: target step %.1f ms, v(2..4) = %s",
+        "device profile %s (%s): target step %.1f ms, v(2..4) = %s",
         profile.key,
+        profile.machine,
         1000 * profile.target_step_s,
         [round(v, 2) for v in profile.verify_cost[1:4]],
     )
@@ -227,8 +224,7 @@ def run_search(cfg: FastDraftConfig, echo: Callable[[str], None] | None = None) 
     default = default_point(cfg, points) if s.include_default else None
     tried = points if s.algorithm == "optuna" else chosen_points(points, default, s.num_samples, s.seed)
     if s.algorithm == "random":  # priced here, one after another, before any trial loads the machine
-        for point in tried:
-            measure_draft(point, target_config, profile, s.latency_repeats)
+        measure_drafts(tried, target_config, profile, s.latency_repeats)
         if not s.device_profile:
             profile.save(layout.profile)
     total_steps = trial_steps(cfg, int(read_manifest(data_dir(cfg))["seq_len"]))

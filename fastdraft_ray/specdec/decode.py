@@ -243,7 +243,7 @@ def speculative_stream(
         # Draft cache now holds seq + d_1..d_{g-1} (when g > 0).
 
         target_logits = t_run([last, *drafted], keep=g + 1)
-        drafted_t = torch.tensor(drafted, dtype=torch.long)
+        drafted_t = torch.tensor(drafted, dtype=torch.long, device=target_logits.device)
         if greedy:
             n, nxt = verify_greedy(target_logits, drafted_t)
         else:
@@ -340,6 +340,8 @@ def first_divergence(
     pos = next((i for i, (a, b) in enumerate(zip(reference, candidate, strict=False)) if a != b), None)
     if pos is None:
         return None
-    ids = torch.cat([input_ids[0], torch.tensor(reference[:pos], dtype=torch.long)]).view(1, -1)
-    top2 = model(input_ids=ids.to(next(model.parameters()).device)).logits[0, -1].float().topk(2).values
+    device = next(model.parameters()).device
+    prefix = torch.tensor(reference[:pos], dtype=torch.long, device=device)
+    ids = torch.cat([input_ids[0].to(device), prefix]).view(1, -1)
+    top2 = model(input_ids=ids).logits[0, -1].float().topk(2).values
     return pos, float(top2[0] - top2[1])

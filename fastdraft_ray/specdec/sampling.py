@@ -73,9 +73,9 @@ def verify_sampled(
     """
     g = drafted.numel()
     if g:
-        rows = torch.arange(g)
+        rows = torch.arange(g, device=p.device)
         p_x, q_x = p[rows, drafted], q[rows, drafted]
-        u = torch.rand(g, generator=generator, dtype=p_x.dtype)
+        u = torch.rand(g, generator=generator, dtype=p_x.dtype, device=p.device)
         rejected = (u * q_x >= p_x).nonzero()  # u < p/q, written without dividing
         n = int(rejected[0]) if rejected.numel() else g
     else:

@@ -40,8 +40,10 @@ def deepspeed_config(train: TrainConfig, total_steps: int, use_gpu: bool | None 
                 "betas": [0.9, 0.95],
                 "eps": 1e-8,
                 "weight_decay": train.weight_decay,
-                # On CPU, torch's AdamW: DeepSpeed's fused CPU Adam is a JIT C++ build (1-2 min per fresh venv).
-                "torch_adam": not use_gpu,
+                # torch's AdamW everywhere, fused on GPU: DeepSpeed's own FusedAdam / CPU Adam are JIT builds that
+                # need a compiler (and on GPU an nvcc matching torch's CUDA) in every worker's image.
+                "torch_adam": True,
+                **({"fused": True} if use_gpu else {}),
             },
         },
         "steps_per_print": 10**9,

@@ -111,10 +111,11 @@ def build_proxy_set(target, tokenizer, prompts: dict[str, list[list[int]]], sett
 
 def load_or_build(cfg, path: Path | None = None) -> ProxySet:
     """The run's proxy set: read from ``path`` (default ``<run_dir>/proxy/set.npz`` of a local run) when it was
-    built with the same settings, else built with the target (a few seconds to a minute) and cached there."""
-    from fastdraft_ray.data.tasks import load_tasks
+    built with the same settings, else built with the target (a few seconds to a minute) and cached there.
+
+    With Ray running, the target is loaded in a Ray task with the stage's accelerator (``train.use_gpu``), not in
+    the job's driver: a 7-8B target does not fit the head node's memory, and its GPU is where it is fast."""
     from fastdraft_ray.layout import RunLayout
-    from fastdraft_ray.models.target import load_target, tokenizer_fingerprint
 
     ev, tc = cfg.evaluate, cfg.train
     settings = {
@@ -136,8 +137,33 @@ def load_or_build(cfg, path: Path | None = None) -> ProxySet:
         cached = ProxySet.load(path)
         if {k: v for k, v in cached.settings.items() if k != "tokenizer"} == settings:
             return cached
+    import ray
+
+    if ray.is_initialized():
+        task = ray.remote(_build_in_task)
+        resources = {"num_cpus": tc.cpus_per_worker, "num_gpus": 1 if tc.use_gpu else 0}
+        proxy = ray.get(task.options(**resources).remote(cfg, settings, "cuda" if tc.use_gpu else "cpu"))
+    else:
+        proxy = _build(cfg, settings, "cpu")
+    if path is not None:
+        proxy.save(path)
+    return proxy
+
+
+def _build_in_task(cfg, settings: dict, device: str) -> ProxySet:
+    """``_build`` as a Ray task: the task's CPUs are its threads."""
+    torch.set_num_threads(max(1, cfg.train.cpus_per_worker))
+    return _build(cfg, settings, device)
+
+
+def _build(cfg, settings: dict, device: str) -> ProxySet:
+    """The proxy set of ``cfg``: the target (on ``device``) writes and scores the held-out continuations."""
+    from fastdraft_ray.data.tasks import load_tasks
+    from fastdraft_ray.models.target import load_target, tokenizer_fingerprint
+
+    ev, tc = cfg.evaluate, cfg.train
     target, tokenizer = load_target(
-        cfg.model.target, cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+        cfg.model.target, cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code
     )
     by_task = load_tasks(
         tokenizer,
@@ -156,8 +182,6 @@ def load_or_build(cfg, path: Path | None = None) -> ProxySet:
         {**settings, "tokenizer": tokenizer_fingerprint(tokenizer)},
     )
     log.info("training proxy: %d held-out prompts, %d target-written positions", len(proxy), proxy.positions)
-    if path is not None:
-        proxy.save(path)
     return proxy
 
 

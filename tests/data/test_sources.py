@@ -160,3 +160,22 @@ def test_embedded_kjv_shakespeare_code_sharegpt():
     assert chat.messages and chat.messages[0]["role"] in ("user", "system")
     labels = [u["path"].rsplit("/", 1)[1].split("-")[0] for u in plan_units("embedded:text")[:40]]
     assert {"shakespeare", "kjv", "wiki", "c4"} <= set(labels)  # the prose corpora are interleaved
+
+
+def test_a_hub_corpus_without_text_is_refused_before_any_work():
+    """The Stack v2 lists files by Software Heritage blob id: a recipe that trains on it would fail after hours
+    of preparing the other sources. Parsing the spec refuses it, naming what to use instead; no shipped recipe
+    uses it."""
+    from fastdraft_ray.config import RECIPES_DIR, load_config, stage_config
+
+    with pytest.raises(SourceError, match="blob ids, not file contents.*the-stack-dedup"):
+        parse_spec("hub:bigcode/the-stack-v2-dedup")
+    assert parse_spec("hub:bigcode/the-stack-dedup?data_dir=data/python&field=content").options == {
+        "data_dir": "data/python",
+        "field": "content",
+    }
+    for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
+        cfg = load_config(str(recipe))
+        for stage in cfg.stages:
+            for spec in stage_config(cfg, stage).data.sources.values():
+                parse_spec(spec)  # raises for an unusable hub corpus

@@ -127,3 +127,29 @@ def test_tokenizers_with_swapped_ids_are_named(smollm2):
     cfg = tiny_config(vocab_size=49152)
     with pytest.raises(IncompatibleDraftError, match="2 tokens map to different ids.*'hello'"):
         check_compatible(cfg, cfg, tokenizer, Swapped())
+
+
+def test_the_qwen_recipe_draft_is_mostly_transformer_not_embedding():
+    """Qwen2.5-7B's untied 152k-token vocabulary: a plain 150M draft would be 117M of embedding and output head.
+    The recipe's 32k-token head leaves ~30M for the transformer within the same budget."""
+    from transformers import AutoConfig
+
+    from fastdraft_ray.config import load_config
+    from fastdraft_ray.models.draft import draft_for_budget
+
+    qwen = AutoConfig.for_model(
+        "qwen2",
+        vocab_size=152_064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )  # fmt: skip  (Qwen2.5-7B-Instruct's config.json)
+    d = load_config("qwen25_7b_150m_8gpu", ["storage=/x"]).draft
+    shape = draft_for_budget(qwen, d.params_budget, layers=d.num_layers or None, head_vocab=d.head_vocab)
+    counts = count_params(derive_draft_config(qwen, shape))
+    assert counts.total <= 150e6 and counts.non_embedding >= 25e6, counts
+    plain = count_params(derive_draft_config(qwen, draft_for_budget(qwen, d.params_budget)))
+    assert plain.non_embedding < 15e6  # what the recipe avoids

@@ -22,6 +22,7 @@ WIDE = SearchConfig(
     inits=["random", "pca"],
     target_layers=[[0], [0, 1]],
     params_budget=60_000,
+    budget_kind="total",
 )
 
 
@@ -86,3 +87,18 @@ def test_search_refuses_an_objective_no_trial_reports(tmp_path):
     with pytest.raises(SearchError, match="no prepared shards.*prepare_data.py --stage cp"):
         check_search(cfg, tiny_config("llama"))
     assert cfg.search.metric == "train/predicted_speedup"  # the default names a key the trials report
+
+
+def test_the_default_budget_leaves_room_for_a_large_vocabulary():
+    """A 152k-token vocabulary (Qwen2.5-7B's, untied) is ~39M parameters of embedding and head at width 128: under a
+    total budget of 30M only the narrowest one-head drafts would fit. The default budget counts non-embedding
+    parameters, so wider drafts stay in the space."""
+    qwen = tiny_config(
+        "qwen2", vocab_size=152_064, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+        intermediate_size=18944, tie_word_embeddings=False,
+    )  # fmt: skip
+    small = dict(layers=[2], hidden_sizes=[128, 512], gqa_groups=[1], intermediate_ratios=[2.0], head_vocabs=[0])
+    assert SearchConfig().budget_kind == "non_embedding"
+    assert {p.hidden_size for p in enumerate_space(qwen, SearchConfig(**small))} == {128, 512}
+    with pytest.raises(ConfigError, match="search space is empty"):
+        enumerate_space(qwen, SearchConfig(**small, budget_kind="total"))

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from fastdraft_ray.config import DraftConfig, load_config
-from fastdraft_ray.evaluate.run import EvaluationError, evaluate
+from fastdraft_ray.config import ConfigError, DraftConfig, load_config
+from fastdraft_ray.evaluate.run import evaluate
 from fastdraft_ray.models.draft import new_draft, save_draft
 from fastdraft_ray.models.prompting import render_prompt
 from tests.serve.conftest import API_KEY, deploy, scrape
@@ -158,7 +158,5 @@ def test_evaluation_through_http_gets_the_in_process_tokens_alpha_and_tau(real_a
         assert (a["task"], a["mode"]) == (b["task"], b["mode"])
         assert a["acceptance_rate"] == b["acceptance_rate"] and a["block_efficiency"] == b["block_efficiency"]
     assert remote.settings["endpoint"] == real_app
-    with pytest.raises(EvaluationError, match="gamma_select"):
-        evaluate(
-            cfg.model, [real_draft], dataclasses.replace(cfg.evaluate, endpoint=real_app, gamma_select=[1, 2])
-        )
+    with pytest.raises(ConfigError, match="gamma_select"):  # gammas are priced in-process: refused when built
+        dataclasses.replace(cfg.evaluate, endpoint=real_app, gamma_select=[1, 2])

@@ -120,8 +120,8 @@ def _accept_always(p, q, drafted, generator):
 
 def _resample_from_p(p, q, drafted, generator):
     g = drafted.numel()
-    rows = torch.arange(g)
-    u = torch.rand(g, generator=generator, dtype=p.dtype)
+    rows = torch.arange(g, device=p.device)
+    u = torch.rand(g, generator=generator, dtype=p.dtype, device=p.device)
     rejected = (u * q[rows, drafted] >= p[rows, drafted]).nonzero()
     n = int(rejected[0]) if rejected.numel() else g
     return n, sample(p[n], generator)  # WRONG: should draw from norm(max(0, p - q)) on rejection

@@ -154,3 +154,29 @@ def test_real_target_proxy_set_is_held_out_and_cached(tmp_path):
     assert again.continuations == proxy.continuations
     scores = score_draft(target, proxy)
     assert scores["proxy_acceptance"] > 0.95 and scores["proxy_top1"] == 1.0
+
+
+def test_the_driver_never_loads_the_target(tmp_path, tiny_target, ray_local, monkeypatch):
+    """The proxy set and the search's device profile are built in Ray tasks with the stage's accelerator: a 7-8B
+    target would not fit the job driver's memory (the head node), and the search must price drafts on the device
+    they will run on. Loading the target here, in the driver, fails this test."""
+    import fastdraft_ray.models.target as target_module
+    from fastdraft_ray.config import load_config
+    from fastdraft_ray.layout import RunLayout
+    from fastdraft_ray.search.run import device_profile
+    from fastdraft_ray.train.proxy import load_or_build
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the job's driver loaded the target")
+
+    monkeypatch.setattr(target_module, "load_target", refuse)
+    cfg = load_config(
+        None,
+        [f"model.target={tiny_target}", f"storage={tmp_path}", "train.proxy_prompts_per_task=1"]
+        + ["train.proxy_tokens=4", "evaluate.prompts_per_task=1", "evaluate.max_article_tokens=48"]
+        + ["search.latency_repeats=2", "search.latency_context=8"],
+    )
+    proxy = load_or_build(cfg)
+    assert len(proxy) > 0 and (tmp_path / "default" / "proxy" / "set.npz").exists()
+    profile = device_profile(cfg, RunLayout.of(cfg).search, None)
+    assert profile.device == "cpu" and profile.target_step_s > 0 and len(profile.verify_cost) > 2
