@@ -28,6 +28,7 @@ import harness  # the repository on sys.path and the offline hub, before any mod
 # isort: split
 
 from fastdraft_ray.config import load_config
+from fastdraft_ray.evaluate.metrics import interval_text
 from fastdraft_ray.layout import RunLayout
 from fastdraft_ray.search.latency import DeviceProfile
 from fastdraft_ray.search.objective import data_dir, trial_config
@@ -136,7 +137,7 @@ def main() -> None:
             predicted = expected_speedup(alpha, gamma, model.c, model.verify_cost)
             table.append(
                 [role, arch.name, mode, f"{alpha:.3f}", f"{predicted:.2f}", f"{r['alpha_per_token']:.3f}"]
-                + [f"{r['speedup']:.2f} [{r['speedup_lo']:.2f}, {r['speedup_hi']:.2f}]"]
+                + [f"{r['speedup']:.2f} {interval_text(r['speedup_lo'], r['speedup_hi'], r['prompts'])}"]
                 + [f"{predicted / r['speedup']:.2f}", r["matches_target"] if mode == "greedy" else "—"]
             )
     head = ["role", "shape", "mode", "proxy (this set)", "predicted", "measured α/token", "measured speedup [90%]"]

@@ -15,7 +15,7 @@ fi
 # DeepSpeed ships only an sdist whose setup.py imports torch: build it against the torch above, ops JIT-compiled.
 "${PIP[@]}" setuptools wheel
 DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation "deepspeed>=0.19,<0.20"
-"${PIP[@]}" -e "$REPO"
+"${PIP[@]}" -e "$REPO[cloud]"   # s3fs/gcsfs: s3:// and gs:// data sources and shard folders
 python - <<'PY'
 import deepspeed, ray, torch
 import fastdraft_ray

@@ -85,9 +85,11 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, streamed."""
+    """Hex sha256 of a file (a path or an fsspec URL such as ``s3://``), streamed."""
+    import fsspec
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with fsspec.open(str(path), "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()

@@ -26,6 +26,14 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message says what is valid."""
 
 
+NOT_A_URL = (
+    "must be a filesystem path every node sees, not a URL: the run directory is written through the filesystem "
+    "(checkpoints, records, resumable units). For object storage, mount the bucket on every node (Mountpoint for "
+    "S3, gcsfuse; on KubeRay a CSI volume) and give the mount path. Data sources may be s3:// or gs:// URLs "
+    "(read through fsspec: pip install 'fastdraft-ray[cloud]')."
+)
+
+
 def doc(default: Any, text: str) -> Any:
     """A dataclass field with a default and a one-line description."""
     if isinstance(default, (list, dict)):
@@ -148,7 +156,7 @@ class DataConfig(Section):
     num_tokenizer_actors: int = doc(2, "Actors in the tokenizer pool.")
     seed: int = doc(0, "Seed for shuffles and splits.")
     name: str = doc("main", "Name of the prepared set: shards go to <run_dir>/data/<name> unless output is set.")
-    output: str = doc("", "Shard folder (local, NFS or fsspec URL); empty = <run_dir>/data/<name>.")
+    output: str = doc("", "Shard folder (a path every node sees: local, NFS); empty = <run_dir>/data/<name>.")
     dedup: bool = doc(True, "Drop exact duplicate documents (same text) across all sources.")
     tokenize_batch_size: int = doc(64, "Documents per tokenizer call in the actor pool.")
     tokenizer_actor_cpus: float = doc(1.0, "CPUs reserved per tokenizer actor (lowered to fit small clusters).")
@@ -165,6 +173,7 @@ class DataConfig(Section):
         self.positive("max_buffer_mb")
         self.need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         self.need(self.tokenizer_actor_cpus > 0, "tokenizer_actor_cpus", "must be > 0")
+        self.need("://" not in self.output, "output", NOT_A_URL)
 
 
 @dataclass
@@ -193,12 +202,26 @@ class TrainConfig(Section):
     eval_every: int = doc(100, "Optimizer steps between validation losses.")
     checkpoint_every: int = doc(100, "Optimizer steps between checkpoints.")
     max_failures: int = doc(3, "Worker-group restarts allowed before the run fails.")
+    watchdog_s: float = doc(
+        1800.0,
+        "A worker that makes no progress (no step, no phase change) for this long fails with a message naming "
+        "what it waited for (a C++ op build, data, a peer); 0 = no watchdog.",
+    )
     seed: int = doc(0, "Seed for initialisation and data order.")
     log_every: int = doc(10, "Optimizer steps between TensorBoard train scalars (rank 0 only).")
     val_rows: int = doc(256, "Validation rows (first rows of the val split) scored at each validation.")
     checkpoints_to_keep: int = doc(2, "Most recent checkpoints kept on storage.")
     worker_resources: dict = doc(
         {}, "Extra Ray resources per worker, e.g. {trainer: 1} to pin workers to a node type."
+    )
+    audit_dir: str = doc(
+        "",
+        "Folder (every node sees) for a per-rank JSON-lines audit: the ids of the rows each step trained, loss, "
+        "node; '' = off.",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = doc(
+        "PACK",
+        "Where Ray places the workers: PACK fills a node first (fast NCCL), SPREAD/STRICT_SPREAD one per node.",
     )
     kd_loss: Literal["ce", "kl", "tvd", "ce_kl", "ce_tvd"] = doc(
         "ce", "FT loss: ce (sequence-level KD), kl, tvd, ce_kl, ce_tvd (sparse top-k token-level KD)."
@@ -229,7 +252,7 @@ class TrainConfig(Section):
     def validate(self) -> None:
         self.positive("num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum_steps", "token_budget")
         self.positive("eval_every", "checkpoint_every", "log_every", "checkpoints_to_keep")
-        self.positive("warmup_steps", "val_rows", "teacher_topk", "proxy_every", minimum=0)
+        self.positive("warmup_steps", "val_rows", "teacher_topk", "proxy_every", "watchdog_s", minimum=0)
         self.need(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
         self.need(self.precision != "fp16", "precision", "fp16 needs loss scaling; use bf16 (or fp32)")
         self.need(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage 1-3")
@@ -275,7 +298,7 @@ class GenerateConfig(Section):
     cpus_per_actor: int = doc(1, "CPU cores (and torch threads) per generator actor.")
     use_gpu: bool = doc(False, "One GPU per generator actor.")
     seed: int = doc(0, "Seed for prompt selection and sampling.")
-    output: str = doc("", "KD data folder; empty = <run_dir>/kd.")
+    output: str = doc("", "KD data folder (a filesystem path every node sees, e.g. NFS); empty = <run_dir>/kd.")
     onpolicy_fraction: float = doc(
         0.0, "On-policy share (DistillSpec): prompts answered by the draft and scored by the target."
     )
@@ -293,6 +316,7 @@ class GenerateConfig(Section):
         self.need(not self.num_prompts or bool(self.prompt_sources), "prompt_sources", "is empty")
         self.need(self.magpie_temperature > 0, "magpie_temperature", "must be > 0")
         self.need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.need("://" not in self.output, "output", NOT_A_URL)
         self.need(0 <= self.onpolicy_fraction <= 1, "onpolicy_fraction", "must be in [0, 1]")
         self.need(self.backend != "vllm" or not self.onpolicy_fraction, "onpolicy_fraction",
                   "on-policy rows are written by backend=hf only")  # fmt: skip
@@ -431,7 +455,13 @@ SEARCH_FINAL_KEYS = (
     "search/measured_alpha_per_token",
     "search/measured_gamma",
 )
-SEARCH_MEASURED = ("speedup", "speedup_lo", "speedup_hi", "alpha_per_token")  # per mode: search/<mode>/<key>
+SEARCH_MEASURED = (
+    "speedup",
+    "speedup_lo",
+    "speedup_hi",
+    "prompts",
+    "alpha_per_token",
+)  # per mode: search/<mode>/<key>
 
 
 def search_reported_keys(modes: list[str]) -> list[str]:
@@ -563,6 +593,12 @@ class ServeConfig(DecodeConfig):
     )
     max_prompt_tokens: int = doc(2048, "Longest prompt accepted, in target tokens (longer: 400).")
     max_tokens_limit: int = doc(512, "Largest max_tokens a request may ask for (larger: 400).")
+    max_request_bytes: int = doc(1_048_576, "Largest request body accepted (larger: 413).")
+    prefill_chunk: int = doc(
+        256,
+        "Prompt tokens per prefill forward: a long prompt is prefilled in chunks, letting the other streams of its "
+        "replica take their steps in between (0 = one forward).",
+    )
     default_max_tokens: int = doc(128, "max_tokens of a request that omits it.")
 
     prefix = "serve."
@@ -571,7 +607,10 @@ class ServeConfig(DecodeConfig):
         super().validate()
         self.need(1 <= self.port <= 65535, "port", "must be a TCP port, 1..65535")
         self.positive("num_replicas", "max_ongoing_requests", "max_prompt_tokens", "max_tokens_limit")
-        self.positive("cpus_per_replica", "gpus_per_replica", "threads", "retry_after_s", minimum=0)
+        self.positive("max_request_bytes")
+        self.positive(
+            "cpus_per_replica", "gpus_per_replica", "threads", "retry_after_s", "prefill_chunk", minimum=0
+        )
         self.positive("max_queued_requests", minimum=-1)
         self.need(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
                   f"must be in 1..serve.max_tokens_limit ({self.max_tokens_limit})")  # fmt: skip
@@ -615,7 +654,9 @@ class FastDraftConfig(Section):
     """A whole run: where it lives and every stage's settings (``stages``: per training stage overrides)."""
 
     run_name: str = doc("default", "Run directory name under storage.")
-    storage: str = doc("runs", "Root of run directories: local path, NFS or s3://.")
+    storage: str = doc(
+        "runs", "Root of run directories: a path every node sees (local for one node; NFS or a mounted bucket)."
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Target model."})
     draft: DraftConfig = field(default_factory=DraftConfig, metadata={"doc": "Draft shape."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Corpora."})
@@ -630,6 +671,7 @@ class FastDraftConfig(Section):
     def validate(self) -> None:
         self.need(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a folder name (no '/')")
         self.need(bool(self.storage), "storage", "must name the root of the run directories")
+        self.need("://" not in self.storage, "storage", NOT_A_URL)
         wrong = sorted(set(self.stages) - set(TRAINING))
         self.need(not wrong, "stages", f"{wrong}: per-stage overrides exist for {', '.join(TRAINING)} only")
 

@@ -18,10 +18,10 @@ run-directory paths. The tree::
     proxy/set.npz                          the training proxy's held-out continuations + target top-k
     search/<trial>/                        one isolated run directory per search trial (a RunLayout of its own)
 
-**Remote storage, one policy.** ``storage`` is a local path or NFS mounted on every node (expanded and made
-absolute: every path is a ``pathlib.Path``), or an fsspec URL (``s3://``, ``gs://``: every path is a ``str`` URL).
-Stages that write through the filesystem (training, KD generation, the pipeline) call ``require_local`` and so
-refuse a URL with a clear message; data preparation and evaluation reports write to URLs through fsspec.
+**Remote storage, one policy.** A config's ``storage``, ``data.output`` and ``generate.output`` are filesystem
+paths (a URL is refused when the config loads: mount the bucket). ``RunLayout.at`` also takes an fsspec URL
+(``s3://``, ``gs://``: every path is then a ``str`` URL) for an existing run directory: evaluation reports are
+copied there through fsspec; everything that writes through the filesystem calls ``require_local``.
 """
 
 from __future__ import annotations

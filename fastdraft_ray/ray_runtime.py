@@ -5,6 +5,10 @@ from __future__ import annotations
 import logging
 import os
 
+# Logical CPUs a training stage needs beside its workers on a CPU cluster: Ray Data's shard reads and the task that
+# cuts the row stream into one-worker blocks (a Ray Data repartition task reserves a whole CPU).
+DATA_CPUS = 1
+
 
 def starts_local_ray() -> bool:
     """Whether ``init_ray`` starts a Ray of its own here: no ``RAY_ADDRESS``, or ``RAY_ADDRESS=local``

@@ -62,6 +62,9 @@ SPEED_ONLY = {
         "checkpoint_every",
         "eval_every",  # the final val/loss is computed at the last step whatever eval_every is
         "worker_resources",
+        "placement_strategy",
+        "watchdog_s",
+        "audit_dir",
         "proxy_every",  # the training proxy only measures: it never changes the weights
         "proxy_prompts_per_task",
         "proxy_tokens",

@@ -1,9 +1,12 @@
-"""cluster/: launcher YAMLs pass Ray's own schema, KubeRay manifests have what KubeRay needs, the runtime_env is
-one Ray accepts, and every recipe these files name loads and fits the GPUs the file provides. Fast, offline."""
+"""cluster/: launcher YAMLs pass Ray's own schema, KubeRay manifests pass KubeRay's CRD schema (v1.5.1, kept in
+tests/kuberay_crds/; unknown fields refused as `kubectl --validate=strict` does) and have what KubeRay needs, the
+runtime_env is one Ray accepts, and every recipe these files name loads and fits the GPUs the file provides. Fast, offline."""
 
 from __future__ import annotations
 
 import copy
+import functools
+import gzip
 import re
 import shlex
 import subprocess
@@ -22,6 +25,8 @@ LAUNCHER_FILES = sorted((CLUSTER / "aws").glob("*.yaml"))
 KUBERAY_FILES = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 RECIPE_RE = re.compile(r"--config\s+([A-Za-z0-9_./-]+)")
 GPU = "nvidia.com/gpu"
+KUBERAY_CRDS = Path(__file__).parent / "kuberay_crds" / "v1.5.1"
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52)  # KubeRay refuses authOptions.mode=token below it
 
 
 def _load(path: Path) -> dict:
@@ -111,17 +116,59 @@ def _containers(pod_template: dict) -> list[dict]:
     return containers
 
 
-def _check_auth(container: dict, where: str) -> None:
-    env = {e["name"]: e for e in container.get("env", [])}
-    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE=token missing"
-    assert "secretKeyRef" in env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}), (
-        f"{where}: token not from a Secret"
+@functools.cache
+def crd_schema(kind: str) -> dict:
+    """The ``openAPIV3Schema`` of KubeRay's ``ray.io/v1`` ``kind`` (RayCluster, RayJob)."""
+    crd = yaml.safe_load(gzip.open(KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml.gz"))
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(value, schema: dict, path: str = ""):
+    """Paths of mapping keys the schema does not declare (the API server would drop them silently)."""
+    if isinstance(value, dict) and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        props, extra = schema.get("properties"), schema.get("additionalProperties")
+        for key, item in value.items():
+            if props is not None:
+                if key not in props:
+                    yield f"{path}.{key}"
+                else:
+                    yield from unknown_fields(item, props[key], f"{path}.{key}")
+            elif isinstance(extra, dict):
+                yield from unknown_fields(item, extra, f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            yield from unknown_fields(item, schema["items"], f"{path}[{i}]")
+
+
+def check_crd_schema(doc: dict) -> None:
+    """Types, enums and required fields (jsonschema), and no undeclared field. CEL rules
+    (``x-kubernetes-validations``) are the API server's and are not evaluated here."""
+    import jsonschema
+
+    schema = crd_schema(doc["kind"])
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    assert not errors, "; ".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+    unknown = list(unknown_fields(doc, schema))
+    assert not unknown, f"fields KubeRay v1.5.1 does not know: {unknown}"
+
+
+def _check_auth(spec: dict, where: str) -> None:
+    """Token authentication the KubeRay way: the operator makes the Secret and sets the env vars everywhere."""
+    assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: authOptions.mode=token missing"
+    major, minor = (int(x) for x in spec["rayVersion"].split(".")[:2])
+    assert (major, minor) >= MIN_RAY_FOR_TOKEN_AUTH, f"{where}: token auth needs Ray >= 2.52"
+
+
+def _no_manual_token(template: dict, where: str) -> None:
+    names = {e["name"] for c in template["spec"]["containers"] for e in c.get("env", [])}
+    assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, (
+        f"{where}: RAY_AUTH_* set by hand (authOptions sets it)"
     )
 
 
 def _check_pod(template: dict, where: str, claim: str) -> dict:
     container = _containers(template)[0]
-    _check_auth(container, where)
+    _no_manual_token(template, where)
     volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     assert "/mnt/shared" in mounts, f"{where}: the shared volume is not mounted at /mnt/shared"
@@ -133,6 +180,7 @@ def _check_pod(template: dict, where: str, claim: str) -> dict:
 def check_ray_cluster_spec(spec: dict, claim: str) -> int:
     """Structure KubeRay needs in a RayClusterSpec; returns the GPUs its worker groups provide at start."""
     assert spec.get("rayVersion") == ray.__version__, f"rayVersion {spec.get('rayVersion')} != {ray.__version__}"
+    _check_auth(spec, "rayClusterSpec")
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict), "headGroupSpec.rayStartParams must be a mapping"
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), "rayStartParams values are strings"
@@ -161,14 +209,14 @@ def check_kuberay(doc: dict, claim: str) -> dict:
     """Check a RayCluster or RayJob; returns {gpus, entrypoint (RayJob), runtime_env (RayJob)}."""
     assert doc.get("apiVersion") == "ray.io/v1", f"apiVersion {doc.get('apiVersion')}"
     assert doc.get("metadata", {}).get("name"), "metadata.name missing"
+    check_crd_schema(doc)
     kind, spec = doc.get("kind"), doc["spec"]
     if kind == "RayCluster":
         return {"gpus": check_ray_cluster_spec(spec, claim)}
     assert kind == "RayJob", f"unexpected kind {kind}"
     out = {"gpus": check_ray_cluster_spec(spec["rayClusterSpec"], claim), "entrypoint": spec["entrypoint"]}
     out["runtime_env"] = yaml.safe_load(spec.get("runtimeEnvYAML") or "{}")
-    submitter = _containers(spec["submitterPodTemplate"])[0]
-    _check_auth(submitter, "submitter")
+    _no_manual_token(spec["submitterPodTemplate"], "submitter")
     return out
 
 
@@ -210,7 +258,7 @@ def test_kuberay_check_fails_on_broken_manifests():
     check_kuberay(job, claim)
     no_head = copy.deepcopy(job)
     del no_head["spec"]["rayClusterSpec"]["headGroupSpec"]
-    with pytest.raises(KeyError):
+    with pytest.raises(AssertionError, match="'headGroupSpec' is a required property"):
         check_kuberay(no_head, claim)
     no_gpu = copy.deepcopy(job)
     for part in ("limits", "requests"):
@@ -221,6 +269,28 @@ def test_kuberay_check_fails_on_broken_manifests():
         check_kuberay(no_gpu, claim)
     with pytest.raises(AssertionError, match="PVC"):
         check_kuberay(job, "some-other-claim")
+    typo = copy.deepcopy(job)
+    typo["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["minReplica"] = 1
+    with pytest.raises(AssertionError, match=r"does not know.*workerGroupSpecs\[0\]\.minReplica'"):
+        check_kuberay(typo, claim)
+    wrong_type = copy.deepcopy(job)
+    wrong_type["spec"]["backoffLimit"] = "0"
+    with pytest.raises(AssertionError, match="backoffLimit: '0' is not of type 'integer'"):
+        check_kuberay(wrong_type, claim)
+    bad_mode = copy.deepcopy(job)
+    bad_mode["spec"]["rayClusterSpec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(AssertionError, match="'tokens' is not one of"):
+        check_kuberay(bad_mode, claim)
+    manual = copy.deepcopy(job)
+    manual["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"].append(
+        {"name": "RAY_AUTH_TOKEN", "value": "x"}
+    )
+    with pytest.raises(AssertionError, match="set by hand"):
+        check_kuberay(manual, claim)
+    no_auth = copy.deepcopy(job)
+    del no_auth["spec"]["rayClusterSpec"]["authOptions"]
+    with pytest.raises(AssertionError, match="authOptions.mode=token missing"):
+        check_kuberay(no_auth, claim)
     with pytest.raises(AssertionError, match="needs 64 GPUs"):
         _check_entrypoint("python jobs/pipeline.py --config phi3_mini_50m_64gpu storage=/mnt/shared/x", 8)
     with pytest.raises(ValueError, match="unknown config key"):

@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "fastdraft_ray"
 
 # config/assets -> models -> data, specdec -> train -> distill -> evaluate -> search, serve -> pipeline -> jobs
+# the base modules may import each other
+BASE = ("stage_graph", "config", "assets", "layout", "ray_runtime", "markdown", "jit_ops")
 LEVELS = (
-    ("base", ("stage_graph", "config", "assets", "layout", "ray_runtime", "markdown")),  # may import each other
+    ("base", BASE),
     ("models", ("models",)),
     ("data", ("data",)),
     ("specdec", ("specdec",)),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdraft_ray.config import load_config
+from fastdraft_ray.config import ConfigError, load_config
 from fastdraft_ray.layout import KDLayout, LayoutError, RunLayout
 
 
@@ -49,8 +49,14 @@ def test_relative_storage_is_made_absolute(tmp_path, monkeypatch):
     assert RunLayout.of(load_config("cpu_quick", ["storage=runs"])).root == tmp_path / "runs" / "cpu_quick"
 
 
-def test_url_storage_one_policy():
-    layout = RunLayout.of(load_config("cpu_quick", ["storage=s3://bucket/runs/"]))
+@pytest.mark.parametrize("key", ["storage", "data.output", "generate.output"])
+def test_a_url_for_the_run_directory_is_refused_at_load_saying_how_to_mount_it(key):
+    with pytest.raises(ConfigError, match=rf"{key}.*not a URL.*mount the bucket"):
+        load_config("cpu_quick", [f"{key}=s3://bucket/runs/"])
+
+
+def test_url_run_directory_one_policy():
+    layout = RunLayout.at("s3://bucket/runs/cpu_quick")
     assert layout.remote and layout.root == "s3://bucket/runs/cpu_quick"
     assert (
         layout.data("pt") == "s3://bucket/runs/cpu_quick/data/pt"

@@ -142,7 +142,10 @@ def _interleave_by_size(groups: list[list[dict]]) -> list[dict]:
 def _fs(path: str):
     import fsspec
 
-    return fsspec.core.url_to_fs(path)
+    try:
+        return fsspec.core.url_to_fs(path)
+    except ImportError as exc:  # s3fs / gcsfs missing
+        raise SourceError(f"cannot read {path}: {exc} (pip install 'fastdraft-ray[cloud]')") from None
 
 
 def _expand_files(spec: SourceSpec) -> list[str]:

@@ -32,6 +32,7 @@ class EndpointEvaluator:
         self.url, self.cfg = url.rstrip("/"), cfg
         self.name = next(iter(drafts))
         self.gammas = gammas.get(self.name) or [cfg.gamma]
+        self.prompts_run = 0
         key = os.environ.get("FASTDRAFT_API_KEY", "")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
@@ -72,16 +73,26 @@ class EndpointEvaluator:
         return r.json(), elapsed
 
     def _records(self, prompt: EvalPrompt) -> list[dict]:
+        """As ``worker.Evaluator``'s records; the baseline runs before or after the speculative requests,
+        alternating from prompt to prompt."""
         records = []
         seed = prompt_seed(self.cfg.seed, prompt.id)
+        base_first = self.prompts_run % 2 == 0
+        self.prompts_run += 1
         for mode in self.cfg.modes:
             temperature = self.cfg.temperature if mode == "sampling" else 0.0
-            base, base_s = self.complete(prompt, temperature, seed, speculative=False)
-            base_tokens = base["choices"][0]["token_ids"]
-            for gamma in self.gammas:
-                spec, spec_s = self.complete(
+            if base_first:
+                base, base_s = self.complete(prompt, temperature, seed, speculative=False)
+            specs = [
+                self.complete(
                     prompt, temperature, seed, speculative=True, gamma=gamma, gamma_policy=self.cfg.gamma_policy
                 )
+                for gamma in self.gammas
+            ]
+            if not base_first:
+                base, base_s = self.complete(prompt, temperature, seed, speculative=False)
+            base_tokens = base["choices"][0]["token_ids"]
+            for gamma, (spec, spec_s) in zip(self.gammas, specs, strict=True):
                 tokens, u = spec["choices"][0]["token_ids"], spec["usage"]["speculative"]
                 records.append(
                     {
@@ -98,6 +109,7 @@ class EndpointEvaluator:
                         "target_time_s": 0.0,
                         "draft_forwards": u["draft_forwards"],
                         "target_forwards": u["target_forwards"],
+                        "base_first": base_first,
                         "base_new_tokens": len(base_tokens),
                         "base_wall_time_s": base_s,
                         "matches_target": tokens == base_tokens if mode == "greedy" else None,

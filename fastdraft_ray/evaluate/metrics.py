@@ -3,7 +3,10 @@
 Per (draft, mode, task), with the definitions of docs/definitions.md:
 
 - ``acceptance_rate`` alpha and ``block_efficiency`` tau (pooled counters over the task's prompts),
-- ``mbsu`` = tau / (gamma * c + 1), c = draft parameter bytes / target parameter bytes,
+- ``ideal_block_efficiency``: the tau i.i.d. acceptance at the measured per-token alpha (``alpha_per_token``) would
+  give at the gammas the steps actually used (their mean of (1 - alpha^(g+1)) / (1 - alpha)),
+- ``mbsu`` = tau / (gamma * c + 1), c = the bytes a draft decode step reads / the bytes a target decode step reads,
+  each at its decoding precision (``stats.decode_step_bytes``: one row of the input embedding, not all of it),
 - ``hw_speedup``: the same formula with c = measured draft step / target step latency
   (``hw_speedup_verify`` also charges the measured (gamma+1)-token verify forward instead of one step),
 - ``speedup``: wall-clock, target-only time / speculative time for the same prompts. Generations stop at the
@@ -14,8 +17,9 @@ Per (draft, mode, task), with the definitions of docs/definitions.md:
 Adaptive gamma policies vary gamma, so MBSU and the hardware-aware speedups use the mean gamma per step
 (``mean_gamma``) there. ``gamma`` is the row's configured gamma (a draft can be run at several); ``selected`` marks
 the rows at the gamma chosen for that draft and mode on calibration prompts (``evaluate.gamma_select``).
-``speedup_lo`` / ``speedup_hi``: a 90% bootstrap interval of ``speedup`` over the row's prompts (prompts resampled
-with replacement, ``BOOTSTRAP_SAMPLES`` times, fixed seed).
+``speedup_lo`` / ``speedup_hi``: a 90% bootstrap interval of ``speedup`` over the row's ``prompts`` (prompts
+resampled with replacement, ``BOOTSTRAP_SAMPLES`` times, fixed seed); None below ``MIN_INTERVAL_PROMPTS`` prompts
+(2 prompts have at most 3 distinct resamples). ``interval_text`` prints it with its n.
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ from fastdraft_ray.specdec import stats as S
 ALL = "all"  # pseudo-task pooling every prompt
 TABLE_METRICS = ("acceptance_rate", "block_efficiency", "mbsu", "speedup")
 BOOTSTRAP_SAMPLES = 2000
+MIN_INTERVAL_PROMPTS = 4
 
 
-def speedup_interval(recs: list[dict], level: float = 0.9, seed: int = 0) -> tuple[float, float]:
-    """``(lo, hi)``: the central ``level`` bootstrap interval of the per-token wall-clock speedup over prompts."""
+def speedup_interval(recs: list[dict], level: float = 0.9, seed: int = 0) -> tuple[float | None, float | None]:
+    """``(lo, hi)``: the central ``level`` bootstrap interval of the per-token wall-clock speedup over prompts;
+    ``(None, None)`` for fewer than ``MIN_INTERVAL_PROMPTS`` prompts."""
+    if len(recs) < MIN_INTERVAL_PROMPTS:
+        return None, None
     base_t = np.array([r["base_wall_time_s"] for r in recs], float)
     base_n = np.array([r["base_new_tokens"] for r in recs], float)
     spec_t = np.array([r["wall_time_s"] for r in recs], float)
@@ -46,6 +54,22 @@ def speedup_interval(recs: list[dict], level: float = 0.9, seed: int = 0) -> tup
     return float(lo), float(hi)
 
 
+def interval_text(lo: float | None, hi: float | None, n: int) -> str:
+    """``[lo, hi] (n=…)``, or why there is no interval."""
+    if lo is None or hi is None:
+        return f"— (n={n}: too few prompts for an interval)"
+    return f"[{lo:.2f}, {hi:.2f}] (n={n})"
+
+
+def ideal_tau(alpha: float, gamma_steps: dict, mean_gamma: float) -> float:
+    """Expected tokens per step for i.i.d. acceptance ``alpha`` at the gammas the steps used (``gamma_steps``:
+    {gamma: steps}); without them, at ``mean_gamma``."""
+    steps = sum(gamma_steps.values())
+    if not steps:
+        return S.ideal_block_efficiency(alpha, mean_gamma)
+    return sum(n * S.ideal_block_efficiency(alpha, int(g)) for g, n in gamma_steps.items()) / steps
+
+
 @dataclass
 class DraftInfo:
     """A draft under evaluation: where it lives, its size, c, and latencies measured on the workers."""
@@ -53,8 +77,9 @@ class DraftInfo:
     name: str
     path: str
     params: int = 0
-    param_bytes: int = 0
-    c_params: float = 0.0
+    param_bytes: int = 0  # stored size
+    step_bytes: int = 0  # weights one decode step reads at the draft's precision (stats.decode_step_bytes)
+    c_params: float = 0.0  # step_bytes / the target's: MBSU's c
     draft_step_s: float = 0.0
     target_step_s: float = 0.0
     verify_step_s: float = 0.0
@@ -173,7 +198,12 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         if info.target_step_s
         else 0.0
     )
-    speedup_lo, speedup_hi = speedup_interval(recs) if spec_per_token > 0 else (0.0, 0.0)
+    speedup_lo, speedup_hi = speedup_interval(recs) if spec_per_token > 0 else (None, None)
+    alpha_token = S.per_token_alpha(tot["accepted"], sum(r.get("rejected_steps", 0) for r in recs))
+    gamma_steps: dict = {}
+    for r in recs:
+        for g, n in r.get("gamma_steps", {}).items():
+            gamma_steps[g] = gamma_steps.get(g, 0) + n
     return {
         "draft": info.name,
         "mode": mode,
@@ -184,12 +214,12 @@ def _row(info: DraftInfo, mode: str, task: str, recs: list[dict], gamma: int, ad
         **tot,
         "acceptance_rate": alpha,
         "block_efficiency": tau,
-        "ideal_block_efficiency": S.ideal_block_efficiency(alpha, gamma),
+        "ideal_block_efficiency": ideal_tau(alpha_token, gamma_steps, mean_gamma),
         "mbsu": S.mbsu(tau, g_cost, info.c_params),
         "mean_gamma": mean_gamma,
         "plain_steps": sum(r.get("plain_steps", 0) for r in recs),
         # per-token acceptance probability: what evaluate.prior_alpha gives the cost policy
-        "alpha_per_token": S.per_token_alpha(tot["accepted"], sum(r.get("rejected_steps", 0) for r in recs)),
+        "alpha_per_token": alpha_token,
         "hw_speedup": hw,
         "hw_speedup_verify": hw_verify,
         "speedup": S.wallclock_speedup(base_per_token, spec_per_token) if spec_per_token > 0 else 0.0,

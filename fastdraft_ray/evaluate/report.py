@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fastdraft_ray import markdown
-from fastdraft_ray.evaluate.metrics import ALL, TABLE_METRICS, EvalResults
+from fastdraft_ray.evaluate.metrics import ALL, TABLE_METRICS, EvalResults, interval_text
 from fastdraft_ray.layout import done_file, is_url
 
 LABELS = {
@@ -105,7 +105,7 @@ def interval_table(results: EvalResults) -> str:
             f"{row.get('gamma', results.settings['gamma']):g}{' (selected)' if row.get('selected') else ''}",
             f"{row.get('alpha_per_token', 0.0):.3f}",
             f"{row['speedup']:.2f}",
-            f"[{row.get('speedup_lo', 0.0):.2f}, {row.get('speedup_hi', 0.0):.2f}]",
+            interval_text(row.get("speedup_lo"), row.get("speedup_hi"), row["prompts"]),
         ]
         for row in results.rows
         if row["task"] == ALL
@@ -132,7 +132,7 @@ def baselines_table(results: EvalResults) -> str:
             row["draft"] or "—",
             row["gamma"],
             f"{row['speedup']:.2f}",
-            f"[{row['speedup_lo']:.2f}, {row['speedup_hi']:.2f}]",
+            interval_text(row["speedup_lo"], row["speedup_hi"], row["prompts"]),
             f"{row['tokens_per_call']:.2f}",
             f"{row['matches_target']:.0%}",
         ]
@@ -160,7 +160,7 @@ Target `{results.target}`; γ = {s["gamma"]}; modes: {", ".join(s["modes"])} (sa
 seed {s["seed"]}; {s["num_workers"]} worker(s); evaluation wall time {results.wall_time_s:.1f} s.
 
 α = accepted / proposed draft tokens; τ = tokens per target verify forward (bonus included);
-MBSU = τ / (γ·c + 1) with c = draft/target parameter bytes; speedup = wall-clock, target alone vs
+MBSU = τ / (γ·c + 1) with c = the bytes a draft decode step reads / the target's (one embedding row each); speedup = wall-clock, target alone vs
 speculative, same prompts, per emitted token. `all` pools every prompt.
 
 {markdown_table(results)}

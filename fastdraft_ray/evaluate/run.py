@@ -31,8 +31,9 @@ from fastdraft_ray.evaluate.endpoint import EndpointError, EndpointEvaluator
 from fastdraft_ray.evaluate.metrics import ALL, DraftInfo, EvalResults, aggregate, aggregate_baselines
 from fastdraft_ray.evaluate.worker import Evaluator
 from fastdraft_ray.models.draft import check_compatible, count_params, load_draft, param_bytes
-from fastdraft_ray.models.target import DTYPES, load_target_config, load_tokenizer
+from fastdraft_ray.models.target import load_target_config, load_tokenizer
 from fastdraft_ray.specdec.precision import PrecisionError, resolve_precision
+from fastdraft_ray.specdec.stats import decode_step_bytes
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def evaluate(
     records.sort(
         key=lambda r: (order[r["prompt_id"]], modes.index(r["mode"]), list(drafts).index(r["draft"]), r["gamma"])
     )
-    infos = _draft_infos(model, drafts, latencies, draft_precision)
+    infos = _draft_infos(model, drafts, latencies, precision, draft_precision)
     rows = aggregate(records, infos, cfg.gamma, tasks, cfg.gamma_policy)
     for row in rows:
         row["selected"] = chosen.get(row["draft"], {}).get(row["mode"]) == row["gamma"]
@@ -200,15 +201,17 @@ def evaluate(
 
 
 def _draft_infos(
-    model: ModelConfig, drafts: dict[str, str], latencies: list[dict], precision: str
+    model: ModelConfig, drafts: dict[str, str], latencies: list[dict], precision: str, draft_precision: str
 ) -> list[DraftInfo]:
-    """Each draft's size, c and the latencies its workers measured (means over workers)."""
-    target_bytes = _target_param_bytes(model)
+    """Each draft's size, c (decode-step bytes at the draft's / the target's precision) and the latencies its
+    workers measured (means over workers)."""
+    target_bytes = _target_step_bytes(model, precision)
     infos = []
     for name, path in drafts.items():
         d_model = load_draft(path)
-        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model), precision=precision)
-        info.c_params = info.param_bytes / target_bytes
+        info = DraftInfo(name, path, count_params(d_model).total, param_bytes(d_model), precision=draft_precision)
+        info.step_bytes = decode_step_bytes(d_model, draft_precision)
+        info.c_params = info.step_bytes / target_bytes
         worker_lat = [lat[name] for lat in latencies if name in lat]
         for key in ("draft_step_s", "target_step_s", "verify_step_s"):
             setattr(info, key, sum(w[key] for w in worker_lat) / len(worker_lat) if worker_lat else 0.0)
@@ -232,7 +235,9 @@ def _select_gammas(
     log.info("choosing gamma from %s on %d calibration prompts", list(cfg.gamma_select), len(flat))
     cfg = dataclasses.replace(cfg, gamma=max(cfg.gamma_select), baselines=[])  # calibration: the drafts only
     records, latencies = _run_workers(model, drafts, flat, cfg)
-    infos = {info.name: info for info in _draft_infos(model, drafts, latencies, cfg.draft_precision)}
+    infos = {
+        info.name: info for info in _draft_infos(model, drafts, latencies, cfg.precision, cfg.draft_precision)
+    }
     chosen: dict[str, dict[str, int]] = {}
     basis: dict = {}
     for row in aggregate(records, list(infos.values()), cfg.gamma, tasks):
@@ -254,7 +259,11 @@ def _select_gammas(
     return chosen, basis
 
 
-def _target_param_bytes(model: ModelConfig) -> int:
-    """Parameter bytes of the target in its configured dtype, counted on the meta device (no weights)."""
-    n = count_params(load_target_config(model.target, model.trust_remote_code)).total
-    return n * torch.tensor([], dtype=DTYPES[model.dtype]).element_size()
+def _target_step_bytes(model: ModelConfig, precision: str) -> int:
+    """The bytes a target decode step reads at ``precision``, counted on the meta device (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_target_config(model.target, model.trust_remote_code)
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    return decode_step_bytes(target, precision)

@@ -1,8 +1,9 @@
 """One evaluation worker (in-process, or the body of a Ray actor): the target and every draft loaded once, as
 ``SpecDecoder``s sharing one target, and the per-prompt records of the module ``evaluate.run`` describes.
 
-For every prompt and decoding mode it runs the target alone (the baseline) and then each draft's speculative
-decoding, back to back on the same process and threads, so wall-clock ratios compare like with like. Costs
+For every prompt and decoding mode it runs the target alone (the baseline) and each draft's speculative decoding
+back to back on the same process and threads, so wall-clock ratios compare like with like; which side runs first
+alternates from prompt to prompt (``base_first`` in the record), so a drifting machine favours neither. Costs
 (c, the draft's catch-up, the target's verify-cost curve) are measured once, on the first prompt it sees; the
 ``cost`` policy uses them. Every prompt's sampling generator is seeded from ``(seed, prompt id)`` alone, so
 alpha, tau and the tokens do not depend on the worker count (only timings do).
@@ -50,6 +51,7 @@ class Evaluator:
         self.gammas = {name: list((gammas or {}).get(name) or [cfg.gamma]) for name in drafts}
         self.device = self.target_only.device
         self._latencies: dict | None = None
+        self._prompts_run = 0
 
     def latencies(self, prompt: EvalPrompt) -> dict[str, dict]:
         """Median step latencies and the target's verify-cost curve on ``prompt``'s context, and warm every
@@ -87,18 +89,30 @@ class Evaluator:
 
     def _records(self, prompt: EvalPrompt) -> list[dict]:
         records = []
+        base_first = self._prompts_run % 2 == 0
+        self._prompts_run += 1
         for mode in self.cfg.modes:
             kw = {
                 "max_new_tokens": self.cfg.max_new_tokens,
                 "temperature": self.cfg.temperature if mode == "sampling" else 0.0,
             }
             seed = prompt_seed(self.cfg.seed, prompt.id)
-            base = self.target_only.generate(prompt.input_ids, generator=self._gen(seed), **kw)
+
+            base = (
+                self.target_only.generate(prompt.input_ids, generator=self._gen(seed), **kw)
+                if base_first
+                else None
+            )
+            runs = []
             for name, decoder in self.decoders.items():
                 for gamma in self.gammas[name]:
                     at_gamma = decoder if gamma == decoder.settings.gamma else decoder.with_gamma(gamma)
-                    spec = at_gamma.generate(prompt.input_ids, generator=self._gen(seed), **kw)
-                    records.append(_record(prompt, name, mode, spec, base, gamma))
+                    runs.append(
+                        (name, gamma, at_gamma.generate(prompt.input_ids, generator=self._gen(seed), **kw))
+                    )
+            if base is None:
+                base = self.target_only.generate(prompt.input_ids, generator=self._gen(seed), **kw)
+            records += [_record(prompt, name, mode, spec, base, gamma, base_first) for name, gamma, spec in runs]
             if mode == "greedy":
                 records += self._baseline_records(prompt, base)
         return records
@@ -171,8 +185,11 @@ def hf_generate(decoder: SpecDecoder, input_ids, max_new_tokens: int, gamma: int
     return tokens[:end], calls[0], wall
 
 
-def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base, gamma: int) -> dict:
+def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base, gamma: int, base_first: bool) -> dict:
     st = spec.stats
+    gamma_steps: dict[str, int] = {}
+    for g in st.proposed_per_step:
+        gamma_steps[str(g)] = gamma_steps.get(str(g), 0) + 1
     return {
         "task": prompt.task,
         "prompt_id": prompt.id,
@@ -191,6 +208,8 @@ def _record(prompt: EvalPrompt, draft: str, mode: str, spec, base, gamma: int) -
         "target_forwards": st.target_forwards,
         "plain_steps": st.proposed_per_step.count(0),
         "rejected_steps": st.rejected_steps,
+        "gamma_steps": gamma_steps,  # steps per draft length used: the ideal tau of evaluate.metrics
+        "base_first": base_first,
         "base_new_tokens": base.stats.new_tokens,
         "base_wall_time_s": base.stats.wall_time_s,
         "matches_target": spec.tokens == base.tokens if mode == "greedy" else None,

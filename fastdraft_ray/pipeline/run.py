@@ -43,7 +43,7 @@ from fastdraft_ray.pipeline.stages import (
     output_fingerprint,
     with_searched_draft,
 )
-from fastdraft_ray.ray_runtime import local_ray_cpus
+from fastdraft_ray.ray_runtime import DATA_CPUS, local_ray_cpus
 
 
 @dataclass
@@ -114,9 +114,10 @@ def local_ray_resources(cfg: FastDraftConfig, only: list[str] | None = None) -> 
     searching = "search" in _to_run(cfg, only)
     return local_ray_cpus(
         max(
-            cfg.train.num_workers * cfg.train.cpus_per_worker + 1,
+            cfg.train.num_workers * cfg.train.cpus_per_worker + DATA_CPUS,
             cfg.generate.num_actors * cfg.generate.cpus_per_actor,
-            cfg.search.num_workers * cfg.search.cpus_per_worker + 1 if searching else 0,
+            # + 1: the trial's own driver reserves a sliver of a CPU (search/run.py)
+            cfg.search.num_workers * cfg.search.cpus_per_worker + DATA_CPUS + 1 if searching else 0,
         )
     )
 

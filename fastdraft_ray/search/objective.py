@@ -109,7 +109,7 @@ def measure_trial(cfg: FastDraftConfig, export: Path, gamma: int) -> dict[str, f
     out: dict[str, float] = {}
     for mode in s.eval_modes:
         row = next(r for r in results.rows if r["mode"] == mode and r["task"] == "all")
-        out.update({f"search/{mode}/{k}": float(row[k]) for k in SEARCH_MEASURED})
+        out.update({f"search/{mode}/{k}": float(row[k]) for k in SEARCH_MEASURED if row[k] is not None})
     return out
 
 

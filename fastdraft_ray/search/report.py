@@ -15,6 +15,7 @@ import yaml
 
 from fastdraft_ray import markdown
 from fastdraft_ray.config import MODES, DraftConfig, FastDraftConfig, to_dict
+from fastdraft_ray.evaluate.metrics import interval_text
 from fastdraft_ray.layout import SearchLayout
 from fastdraft_ray.search.latency import DeviceProfile, measure_drafts
 from fastdraft_ray.search.space import Architecture, shape_at
@@ -55,8 +56,9 @@ def markdown_table(rows: list[dict], metric: str) -> str:
             cell = _fmt(key, r.get(key))
             if key == "search/measured_speedup" and r.get(key) is not None:
                 mode = next((m for m in MODES if f"search/{m}/speedup" in r), None)
-                if mode and r.get(f"search/{mode}/speedup_lo") is not None:
-                    cell += f" [{r[f'search/{mode}/speedup_lo']:.2f}, {r[f'search/{mode}/speedup_hi']:.2f}]"
+                if mode:
+                    lo, hi = r.get(f"search/{mode}/speedup_lo"), r.get(f"search/{mode}/speedup_hi")
+                    cell += " " + interval_text(lo, hi, int(r.get(f"search/{mode}/prompts", 0)))
             cells.append(cell)
         table.append(cells)
     return markdown.table([label for _, label in COLUMNS], table) + "\n"

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from fastdraft_ray.config import ConfigError, FastDraftConfig, stage_config, to_dict
 from fastdraft_ray.layout import RunLayout, SearchLayout
+from fastdraft_ray.ray_runtime import DATA_CPUS
 from fastdraft_ray.search.latency import DeviceProfile, measure_drafts, profile_target
 from fastdraft_ray.search.objective import data_dir, run_trial, trial_steps
 from fastdraft_ray.search.space import Architecture, enumerate_space, sample_points
 
 log = logging.getLogger(__name__)
+TRIAL_DRIVER_CPUS = 0.01  # a Tune trial needs some resource; the trial function only drives its Ray Train run
 
 
 class SearchError(ValueError):
@@ -116,8 +118,9 @@ def _concurrency(cfg: FastDraftConfig) -> int:
     s = cfg.search
     if s.max_concurrent_trials > 0:
         return s.max_concurrent_trials
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, cpus // max(1, s.num_workers * s.cpus_per_worker))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_trial = s.num_workers * s.cpus_per_worker + TRIAL_DRIVER_CPUS
+    return max(1, int((cpus - DATA_CPUS) // per_trial))
 
 
 def default_point(cfg: FastDraftConfig, points: list[Architecture]) -> Architecture | None:
@@ -230,7 +233,7 @@ def run_search(cfg: FastDraftConfig, echo: Callable[[str], None] | None = None) 
     total_steps = trial_steps(cfg, int(read_manifest(data_dir(cfg))["seq_len"]))
     by_name = {p.name: p.to_dict() for p in points}
     trainable = tune.with_parameters(
-        tune.with_resources(run_trial, {"CPU": 0.01}),  # the trial drives; its workers reserve their own CPUs
+        tune.with_resources(run_trial, {"CPU": TRIAL_DRIVER_CPUS}),  # its workers reserve their own CPUs
         base=to_dict(cfg),
         proxy=proxy,
         profile=dataclasses.asdict(profile),

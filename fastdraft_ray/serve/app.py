@@ -6,18 +6,22 @@
 
 ``serve run fastdraft_ray.serve.app:app_builder config=cpu_default serve.draft=...`` builds the same app.
 Every refusal is an OpenAI-style ``{"error": {...}}`` body: 400 for a malformed request, 401 for a missing or
-wrong API key, 404 for an unknown model, 503 + ``Retry-After`` when every decoder queue is full.
+wrong API key, 404 for an unknown model, 413 for a body over ``serve.max_request_bytes``, 503 + ``Retry-After``
+when every decoder queue is full, 500 when a generation fails. The ingress refuses what it can before a decoder
+sees it: the body size, a prompt longer than ``serve.max_prompt_tokens`` in token ids or (text) beyond
+``CHARS_PER_TOKEN`` characters per allowed token.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures of the Serve ingress class at
 # run time, where string annotations are not resolved (a `Request` parameter became a query field).
 import asyncio
+import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -35,6 +39,53 @@ api = FastAPI(
     title="fastdraft-ray", description="A target + draft pair decoding speculatively, OpenAI-compatible."
 )
 INFO_TIMEOUT_S = 10.0
+CHARS_PER_TOKEN = 16  # text prompts longer than this many characters per allowed token are refused unread
+
+
+class BodyTooLarge(HTTPException):
+    """The request body passed ``serve.max_request_bytes`` (an ``HTTPException``: FastAPI passes those on unchanged
+    from reading a body, where it turns any other exception into a 400)."""
+
+    def __init__(self, size: int):
+        super().__init__(413, f"request body of at least {size} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: the body a route reads may not pass the app's ``state.max_request_bytes`` (a declared
+    Content-Length is checked before anything is read, a streamed body as it arrives)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        limit = getattr(scope["app"].state, "max_request_bytes", 0) if "app" in scope else 0
+        if scope["type"] != "http" or not limit:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        received = 0
+
+        async def limited():
+            nonlocal received
+            if declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(int(declared))
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(received)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+def key_matches(given: str, keys: list[str]) -> bool:
+    """Whether ``given`` is one of ``keys``, compared in constant time against every key (no early exit)."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    return matched
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None, **kw):
@@ -54,6 +105,16 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return error_response(400, message, param=where or None, code=first.get("type"))
 
 
+@api.exception_handler(BodyTooLarge)
+async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    limit = request.app.state.max_request_bytes
+    if metrics := getattr(request.app.state, "metrics", None):
+        metrics.client_errors.inc(1, {"code": "413"})
+    return error_response(
+        413, f"the request body is over {limit} bytes (serve.max_request_bytes)", code="request_too_large"
+    )
+
+
 @api.middleware("http")
 async def _authorize(request: Request, call_next):
     """With ``serve.api_keys`` set, every /v1/ route needs ``Authorization: Bearer <key>`` (checked before the
@@ -61,7 +122,7 @@ async def _authorize(request: Request, call_next):
     keys = getattr(request.app.state, "api_keys", None)
     if keys and "/v1/" in request.url.path:
         given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and given.removeprefix("Bearer ").strip() in keys):
+        if not (given.startswith("Bearer ") and key_matches(given.removeprefix("Bearer ").strip(), keys)):
             request.app.state.metrics.client_errors.inc(1, {"code": "401"})
             return error_response(
                 401, "missing or wrong API key: send `Authorization: Bearer <key>`", kind="authentication_error",
@@ -84,6 +145,7 @@ class Ingress:
         self.streams = decoder.options(stream=True)
         self.metrics = IngressMetrics(name)
         api.state.api_keys, api.state.metrics = list(settings.api_keys), self.metrics
+        api.state.max_request_bytes = settings.max_request_bytes
 
     # ------------------------------------------------------------------------------------------- routes
 
@@ -126,9 +188,21 @@ class Ingress:
                 400, f"max_tokens must be between 1 and {s.max_tokens_limit} (serve.max_tokens_limit), got {max_tokens}",
                 param="max_tokens", code="invalid_value",
             )  # fmt: skip
+        ids = prompt.get("prompt_ids") or ()
+        if len(ids) > s.max_prompt_tokens:
+            return self._client_error(
+                400, f"the prompt has {len(ids)} tokens; this server accepts at most {s.max_prompt_tokens} "
+                "(serve.max_prompt_tokens)", param="prompt", code="context_length_exceeded",
+            )  # fmt: skip
+        if (chars := body.prompt_chars()) > s.max_prompt_tokens * CHARS_PER_TOKEN:
+            return self._client_error(
+                400, f"the prompt has {chars} characters; this server accepts at most {s.max_prompt_tokens} tokens "
+                f"(serve.max_prompt_tokens), and at most {CHARS_PER_TOKEN} characters per token",
+                param="messages" if "messages" in prompt else "prompt", code="context_length_exceeded",
+            )  # fmt: skip
         return W.GenerationRequest(
             max_new_tokens=max_tokens,
-            temperature=body.temperature,
+            temperature=body.decoding_temperature(),
             top_p=body.top_p,
             seed=body.seed,
             stop=body.stop_strings(),
@@ -173,6 +247,9 @@ class Ingress:
                 last = await pieces.__anext__()
                 text.append(last.text)
                 ids += last.token_ids
+        except Exception as exc:  # the decoder failed mid-generation
+            log.exception("generation failed")
+            return error_response(500, f"generation failed: {type(exc).__name__}", kind="server_error")
         finally:
             pieces.cancel()
         shape = W.chat_response if chat else W.completion_response

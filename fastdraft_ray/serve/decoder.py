@@ -4,7 +4,10 @@ The models are loaded by an injected loader (default ``load_decoder``: ``SpecDec
 incompatible target/draft pair with ``models.draft.check_compatible``'s message), so tests can serve tiny random
 models through the same code. Several requests may be in flight on one replica (``serve.max_ongoing_requests``):
 their decoding steps take turns on the model (one step at a time, in a worker thread, so the replica's event loop
-keeps answering health checks); a request whose client went away is cancelled between two steps.
+keeps answering health checks; a long prompt is prefilled in ``serve.prefill_chunk``-token steps, so it does not
+hold the others up for its whole prefill); a request whose client went away is cancelled between two steps.
+Tokenisation runs in a worker thread too. The costs the ``cost`` gamma policy needs are measured once, when the
+replica starts (verify curve up to ``max_gamma + 1`` tokens, so any request may ask for that policy).
 """
 
 from __future__ import annotations
@@ -122,7 +125,10 @@ class Decoder:
         self._turn = asyncio.Lock()
         self.max_positions = getattr(engine.target.config, "max_position_embeddings", None)
         self.vocab_size = engine.target.get_output_embeddings().weight.shape[0]
-        engine.warm_up(engine.tokenizer(WARM_UP_PROMPT)["input_ids"])
+        warm = engine.tokenizer(WARM_UP_PROMPT)["input_ids"]
+        engine.warm_up(warm)
+        if engine.draft is not None:  # for the cost policy, whatever the server's own (costed up to max_gamma)
+            engine.costs = engine.with_settings(gamma_policy="cost").measure_costs(warm)
         self.engine = engine
         self.replica = _replica_id()
         log.info("serving %s (draft: %s)", name, settings.draft or "none")
@@ -136,14 +142,15 @@ class Decoder:
         """The served pair: model id, whether a draft is loaded, the default decoding settings and limits."""
         self.check_health()
         s = self.settings
-        return {
+        return {  # no paths: /health answers without a key
             "model": self.name,
             "replica": self.replica,
-            "draft": s.draft or None,
             "speculative": s.speculative and self.engine.draft is not None,
             "gamma": s.gamma,
             "gamma_policy": s.gamma_policy,
             "precision": self.engine.precision,
+            # the longest draft the cost policy may choose (its costs were measured up to it at start)
+            "cost_policy_max_gamma": self.engine.costs.cost_model().max_gamma if self.engine.costs else None,
             "max_prompt_tokens": s.max_prompt_tokens,
             "max_new_tokens": s.max_tokens_limit,
         }
@@ -154,15 +161,11 @@ class Decoder:
         started = time.perf_counter()
         engine = self._engine_for(request)
         try:
-            ids = self.prompt_ids(request)
+            ids = await asyncio.to_thread(self.prompt_ids, request)
         except RequestError as refused:
             yield Delta("", [], refused=refused)
             return
         mode = "speculative" if request.speculative and engine.draft is not None else "target"
-        if mode == "speculative" and engine.settings.gamma_policy == "cost" and engine.costs is None:
-            async with self._turn:
-                self.engine.costs = await asyncio.to_thread(self.engine.measure_costs, ids)
-            engine.costs = self.engine.costs
         seed = request.seed if request.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device=engine.device).manual_seed(seed)
         steps = engine.stream(
@@ -172,6 +175,7 @@ class Decoder:
             top_p=request.top_p,
             generator=generator,
             speculative=mode == "speculative",
+            prefill_chunk=self.settings.prefill_chunk,
         )
         text = TextStream(engine.tokenizer, request.stop)
         status, first_token_s = "error", None

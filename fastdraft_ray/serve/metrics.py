@@ -1,5 +1,4 @@
-"""Live serving metrics through ``ray.serve.metrics``, with vLLM's speculative-decoding names so existing
-dashboards work.
+"""Live serving metrics through ``ray.serve.metrics``; the speculative-decoding counters carry vLLM's names.
 
 Ray exports each on every node's metrics port (``ray start --metrics-export-port``) in Prometheus format with
 its ``ray_`` prefix, counters with a ``_total`` suffix: ``ray_spec_decode_num_drafts_total``,
@@ -8,7 +7,8 @@ its ``ray_`` prefix, counters with a ``_total`` suffix: ``ray_spec_decode_num_dr
 ``ray_fastdraft_generated_tokens_total``, ``ray_fastdraft_refused_requests_total``,
 ``ray_fastdraft_client_errors_total{code}``, and the histograms
 ``ray_fastdraft_time_to_first_token_seconds_*`` and ``ray_fastdraft_request_latency_seconds_*``. Serve adds its
-``deployment`` / ``replica`` / ``application`` tags.
+``deployment`` / ``replica`` / ``application`` tags. vLLM's dashboards query ``vllm:spec_decode_…_total{model_name}``:
+the relabelling rules of ``cluster/prometheus/vllm_names.yml`` rename Ray's series to those at scrape time.
 """
 
 from __future__ import annotations

@@ -16,9 +16,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from fastdraft_ray.specdec.sampling import MIN_TEMPERATURE
+
 GAMMA_POLICIES = ("constant", "confidence", "heuristic", "cost")
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 128  # a stop string holds back that many characters of every streamed piece
 MAX_GAMMA = 16
+MAX_MESSAGES = 512
+MAX_PROMPT_IDS = 131_072  # the schema's bound; the server's own limit (serve.max_prompt_tokens) is checked next
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, like vLLM (torch's generator refuses seeds >= 2^64)
 
 
 class RequestError(ValueError):
@@ -36,6 +42,7 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=True)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, strict=True)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS, strict=True)]
 
 
 class StreamOptions(BaseModel):
@@ -52,8 +59,8 @@ class GenerationFields(BaseModel):
     max_tokens: StrictInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    seed: StrictInt | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1], strict=True)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -62,6 +69,15 @@ class GenerationFields(BaseModel):
     gamma_policy: Literal[GAMMA_POLICIES] | None = None  # type: ignore[valid-type]
     speculative: StrictBool | None = None
     return_token_ids: StrictBool = False
+
+    def decoding_temperature(self) -> float | None:
+        """``temperature``, with values below ``MIN_TEMPERATURE`` meaning greedy (0), as vLLM does."""
+        t = self.temperature
+        return 0.0 if t is not None and t < MIN_TEMPERATURE else t
+
+    def prompt_chars(self) -> int:
+        """Characters of text the prompt holds (0 for token ids)."""
+        return 0
 
     def stop_strings(self) -> list[str]:
         """``stop`` as a list without empty strings."""
@@ -79,13 +95,22 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``: the messages go through the target's chat template."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
 
 
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``: a raw prompt (text, or token ids), no chat template (code completion)."""
 
-    prompt: Annotated[str, Field(min_length=1, strict=True)] | Annotated[list[StrictInt], Field(min_length=1)]
+    prompt: (
+        Annotated[str, Field(min_length=1, strict=True)]
+        | Annotated[list[StrictInt], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+    )
+
+    def prompt_chars(self) -> int:
+        return len(self.prompt) if isinstance(self.prompt, str) else 0
 
 
 @dataclass

@@ -176,6 +176,18 @@ class _Clock:
         self.since = time.perf_counter()
 
 
+def _prefill(run: CachedRunner, ids: list[int], chunk: int, stats: DecodeStats, clock: _Clock) -> Iterator[Step]:
+    """Feed ``ids`` into ``run``'s cache, ``chunk`` tokens per forward (0: one forward), yielding an empty ``Step``
+    between two chunks so a consumer (a server's step loop) can run other work in between."""
+    size = chunk if chunk > 0 else max(len(ids), 1)
+    for start in range(0, len(ids), size):
+        run(ids[start : start + size])
+        if start + size < len(ids):
+            stats.wall_time_s = clock.pause()
+            yield Step([], 0, 0, False, stats)
+            clock.resume()
+
+
 @torch.inference_mode()
 def speculative_stream(
     target: PreTrainedModel,
@@ -189,6 +201,7 @@ def speculative_stream(
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
     policy: GammaPolicy | None = None,
+    prefill_chunk: int = 0,
     _verify: VerifyFn = verify_sampled,
 ) -> Iterator[Step]:
     """Generate up to ``max_new_tokens`` tokens of ``target`` after ``input_ids`` (shape (1, n)), drafting with
@@ -203,6 +216,9 @@ def speculative_stream(
     The draft length per step: a constant ``gamma`` (default 3), or a ``policy`` (``specdec.policy``: a
     confidence stop, transformers' heuristic schedule, or a cost model that may choose 0, a plain target step)
     whose state carries over when the same object is passed again; give one of the two, not both.
+
+    ``prefill_chunk`` > 0: a prompt longer than that is prefilled (target, then draft) that many tokens per
+    forward, with an empty ``Step`` yielded after each chunk but the last (a server interleaves other streams).
     """
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
     if policy is not None and gamma is not None:
@@ -214,10 +230,14 @@ def speculative_stream(
     stats = DecodeStats()
     clock = _Clock()
 
-    if len(prompt) > 1:  # prefill everything but the last prompt token: it opens the first verify forward
-        t_run(prompt[:-1])
-    # pending: tokens the draft cache has not seen yet; the draft prefills when (if ever) it first drafts
+    # prefill everything but the last prompt token: it opens the first verify forward
+    yield from _prefill(t_run, prompt[:-1], prefill_chunk, stats, clock)
+    # pending: tokens the draft cache has not seen yet; the draft prefills when (if ever) it first drafts, unless
+    # the prompt is long enough to be prefilled in chunks
     last, pending = prompt[-1], list(prompt)
+    if 0 < prefill_chunk < len(prompt) - 1:
+        yield from _prefill(d_run, prompt[:-1], prefill_chunk, stats, clock)
+        pending = [last]
 
     confident = policy.needs_confidence
     while stats.new_tokens < max_new_tokens:
@@ -263,13 +283,14 @@ def speculative_stream(
             pending = [drafted[-1], nxt]
         last = nxt
 
+        policy.update(g, n)
+        emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
+        n = min(n, len(emitted))  # draft tokens accepted after a stop token are cut, so they do not count
         stats.steps += 1
         stats.proposed += g
         stats.accepted += n
         stats.accepted_per_step.append(n)
         stats.proposed_per_step.append(g)
-        policy.update(g, n)
-        emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
         stats.new_tokens += len(emitted)
         stats.target_forwards, stats.target_time_s = t_run.forwards, t_run.seconds
         stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
@@ -298,16 +319,20 @@ def autoregressive_stream(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    prefill_chunk: int = 0,
 ) -> Iterator[Step]:
     """Target-only baseline: one token per forward with a KV cache, the same sampling code and stopping rules
     as ``speculative_stream``, one ``Step`` per token. ``stats.steps`` counts token-emitting forwards (the prefill
-    emits the first)."""
+    emits the first). ``prefill_chunk``: as in ``speculative_stream``."""
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
     run = CachedRunner(model, rollback=False)
     stats = DecodeStats()
     clock = _Clock()
     feed = prompt
+    if 0 < prefill_chunk < len(prompt) - 1:
+        yield from _prefill(run, prompt[:-1], prefill_chunk, stats, clock)
+        feed = prompt[-1:]
     while stats.new_tokens < max_new_tokens:
         logits = run(feed)[-1]
         tok = int(logits.argmax()) if greedy else sample(probs_from_logits(logits, temperature, top_p), generator)

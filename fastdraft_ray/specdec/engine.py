@@ -131,11 +131,14 @@ class SpecDecoder:
         generator: torch.Generator | None = None,
         speculative: bool = True,
         policy: GammaPolicy | None = None,
+        prefill_chunk: int = 0,
     ) -> Iterator[Step]:
         """Yield each decoding step (``decode.Step``: tokens, proposed/accepted, running stats) of the continuation
         of ``input_ids`` (shape (1, n) or a list). ``temperature``/``top_p`` default to the settings' (0 = greedy);
         ``speculative=False`` (or no draft) decodes with the target alone, one token per step; ``policy``
-        defaults to a fresh one from the settings (``policy()``). Closing the iterator stops the generation."""
+        defaults to a fresh one from the settings (``policy()``); ``prefill_chunk`` > 0 prefills a longer prompt in
+        chunks of that many tokens, an empty step after each (``decode.speculative_stream``). Closing the iterator
+        stops the generation."""
         ids = self.input_tensor(input_ids)
         kw = {
             "max_new_tokens": max_new_tokens,
@@ -143,6 +146,7 @@ class SpecDecoder:
             "top_p": self.settings.top_p if top_p is None else top_p,
             "eos_token_id": self.stop_ids,
             "generator": generator,
+            "prefill_chunk": prefill_chunk,
         }
         if not speculative or self.draft is None:
             return autoregressive_stream(self.target, ids, **kw)

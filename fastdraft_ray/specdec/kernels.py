@@ -11,7 +11,7 @@ linear outputs, bit for bit, as the token decoded alone.
 module with the same parameters (``state_dict`` and ``isinstance(m, nn.Linear)`` unchanged) whose forward sends
 inputs of at most ``MAX_ROWS`` float32 rows, outside autograd, to the kernel and everything else (prefill,
 training) to torch. The kernel is compiled once per environment with ``torch.utils.cpp_extension`` (~30 s,
-cached in ``$TORCH_EXTENSIONS_DIR``); on a CPU without AVX2/FMA, or when the build fails, ``auto`` keeps torch's
+cached in ``$TORCH_EXTENSIONS_DIR``; ``scripts/build_jit_ops.py`` builds it at install); on a CPU without AVX2/FMA, or when the build fails, ``auto`` keeps torch's
 kernels and says so once.
 """
 
@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastdraft_ray.jit_ops import clear_stale_locks
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def small_batch_linear_op():
         return None
     from torch.utils.cpp_extension import load
 
+    clear_stale_locks()  # a build killed earlier would make this one wait forever
     try:
         load(
             name="fastdraft_small_batch_linear",

@@ -18,10 +18,14 @@ import torch
 VerifyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Generator | None"], tuple[int, int]]
 
 
+MIN_TEMPERATURE = 1e-5  # a smaller positive temperature overflows logits / T (inf - inf = NaN in the softmax)
+
+
 def check_sampling_args(temperature: float, top_p: float) -> None:
-    """Raise ``ValueError`` for a negative temperature or a top-p outside (0, 1]."""
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    """Raise ``ValueError`` for a temperature neither 0 nor at least ``MIN_TEMPERATURE``, or a top-p outside
+    (0, 1]."""
+    if not (temperature == 0.0 or temperature >= MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 

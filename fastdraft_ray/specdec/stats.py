@@ -3,7 +3,8 @@
 - acceptance rate alpha = accepted draft tokens / proposed draft tokens
 - block efficiency tau = tokens emitted per target verify forward (bonus token included);
   ideal tau(alpha, gamma) = (1 - alpha^(gamma+1)) / (1 - alpha)  (Leviathan et al. 2023, eq. 1)
-- c = draft cost / target cost; MBSU = tau / (gamma * c + 1) with c from parameter bytes (memory-bound);
+- c = draft cost / target cost; MBSU = tau / (gamma * c + 1) with c = the bytes a decode step reads
+  (``decode_step_bytes``: every weight once at its decoding precision, one row of the input embedding);
   hardware-aware speedup: the same formula with c = measured draft step / measured target step latency
 - wall-clock speedup = target-only time / speculative time on the same prompts
 - verify-cost curve v(k) = time to score k tokens in one target forward / one decode step (measured: on CPUs
@@ -19,9 +20,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
-from fastdraft_ray.models.draft import param_bytes
 from fastdraft_ray.specdec.runner import CachedRunner
 
 # v[k - 1] = cost of scoring k tokens in one target forward / cost of one decode step (v[0] = 1)
@@ -69,9 +70,35 @@ def ideal_block_efficiency(alpha: float, gamma: int) -> float:
     return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
 
 
-def cost_ratio_from_params(draft: PreTrainedModel, target: PreTrainedModel) -> float:
-    """c for MBSU: draft parameter bytes / target parameter bytes (memory-bound decoding)."""
-    return param_bytes(draft) / param_bytes(target)
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 4}  # per element; int8 quantises nn.Linear weights only
+
+
+def decode_step_bytes(model: PreTrainedModel, precision: str = "fp32") -> int:
+    """Bytes of weights one decode step reads at ``precision`` (``specdec.precision``): every parameter once,
+    except the input embedding, of which a step reads one row (the whole matrix when the output head is tied to
+    it and scores every row); int8 counts one byte per ``nn.Linear`` weight element (``quantize_dynamic``; a
+    tied head gets its own int8 copy). Works on a meta-device model (no weights needed)."""
+    size = WEIGHT_BYTES[precision]
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embedding
+
+    def bytes_of(p: torch.Tensor, as_linear: bool = False) -> int:
+        return p.numel() * (1 if precision == "int8" and (as_linear or id(p) in linear) else size)
+
+    total = sum(bytes_of(p) for p in model.parameters() if p is not embedding)  # parameters() skips tied copies
+    total += embedding.shape[-1] * size  # the one row a token looks up
+    if tied:  # the head reads the whole (shared) matrix
+        total += bytes_of(embedding, as_linear=True)
+    return total
+
+
+def cost_ratio_from_bytes(
+    draft: PreTrainedModel, target: PreTrainedModel, draft_precision: str = "fp32", target_precision: str = "fp32"
+) -> float:
+    """c for MBSU: the bytes a draft decode step reads / the bytes a target decode step reads (memory-bound)."""
+    return decode_step_bytes(draft, draft_precision) / decode_step_bytes(target, target_precision)
 
 
 def mbsu(tau: float, gamma: float, c: float) -> float:

@@ -24,11 +24,13 @@ import torch
 import torch.distributed as dist
 
 from fastdraft_ray.config import FastDraftConfig, TrainConfig
+from fastdraft_ray.jit_ops import clear_stale_locks
 from fastdraft_ray.layout import StageLayout
 from fastdraft_ray.specdec.stats import SpeedupModel
 from fastdraft_ray.train.losses import make_loss_fn
 from fastdraft_ray.train.position import DataPosition, Geometry, row_id
 from fastdraft_ray.train.proxy import SCORE_ROWS, ProxySet, score_rows, summarize
+from fastdraft_ray.train.watchdog import TrainingStalled, Watchdog
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"
@@ -37,9 +39,10 @@ STATE_FILE = "train_state.json"
 
 @dataclass
 class Hooks:
-    """Test hooks of the loop, off by default.
+    """Hooks of the loop, off by default.
 
-    ``trace_dir``: every rank appends one JSON line per optimizer step (rows trained, loss): an audit log.
+    ``trace_dir`` (``train.audit_dir``): every rank appends one JSON line per optimizer step (ids of the rows it
+    trained, rows received, loss, node): an audit log.
     ``fail_at`` ``{"rank", "step", "marker", "delay_s"}``: that rank's process dies (``os._exit``) ``delay_s`` after
     that step, once (the marker file remembers it) -- a real process death, not an exception. Ray Train V2 registers
     a reported checkpoint when its controller next polls the workers (every 2 s): a death inside that window falls
@@ -52,6 +55,7 @@ class Hooks:
     def trace(self, **record) -> None:
         """Append ``record`` (its ``rank`` names the file) to this rank's audit log."""
         if self.trace_dir:
+            Path(self.trace_dir).mkdir(parents=True, exist_ok=True)
             with open(Path(self.trace_dir, f"rank{record['rank']}.jsonl"), "a") as fh:
                 fh.write(json.dumps({"pid": os.getpid(), **record}) + "\n")
 
@@ -81,8 +85,16 @@ class LoopSpec:
 
 
 def train_fn_per_worker(config: dict) -> None:
-    """Ray Train V2 entry point: train the stage's token budget (resuming ``ray.train.get_checkpoint()``)."""
-    StageLoop(config["spec"]).train()
+    """Ray Train V2 entry point: train the stage's token budget (resuming ``ray.train.get_checkpoint()``), under a
+    watchdog (``train.watchdog_s``) that turns a silent stall into a failure naming what the worker waited for."""
+    spec: LoopSpec = config["spec"]
+    watchdog = Watchdog(spec.run.train.watchdog_s, ray.train.get_context().get_world_rank())
+    try:
+        StageLoop(spec, watchdog).train()
+    except TrainingStalled:
+        raise TrainingStalled(watchdog.fired) from None
+    finally:
+        watchdog.stop()
 
 
 def _mean_across(values: list[float], device: torch.device | str = "cpu") -> list[float]:
@@ -100,16 +112,30 @@ def _as_rows(batch) -> np.ndarray:
     return np.stack(col).astype(np.int32, copy=False) if col.dtype == object else col.astype(np.int32, copy=False)
 
 
-def _batches(iterator, geo: Geometry, skip_rows: int):
-    """Global micro-batches (``world x micro`` rows, as int32 numpy) after discarding ``skip_rows`` rows."""
-    if skip_rows % geo.rows_per_micro_step:
-        raise ValueError(f"cannot resume {skip_rows} rows into the stream: not a whole global micro-batch")
-    to_skip = skip_rows // geo.rows_per_micro_step
-    for batch in iterator.iter_batches(batch_size=geo.rows_per_micro_step, batch_format="numpy", drop_last=True):
-        if to_skip:
-            to_skip -= 1
-            continue
-        yield _as_rows(batch)
+class WorkerRows:
+    """This worker's micro-batches (``micro_batch_size`` rows, int32 numpy) from its split of the train dataset:
+    Ray Data hands it every ``world``-th block of ``micro_batch_size`` rows (``train.run.build_datasets``), i.e.
+    its slice of each global micro-batch, so no worker reads another's rows. ``skip_rows`` (all workers together)
+    are discarded first; ``read`` counts the rows this worker received (the audit trace records it)."""
+
+    def __init__(self, shard, geo: Geometry, skip_rows: int):
+        if skip_rows % geo.rows_per_micro_step:
+            raise ValueError(f"cannot resume {skip_rows} rows into the stream: not a whole global micro-batch")
+        self.to_skip, self.read = skip_rows // geo.rows_per_micro_step, 0
+        self.batches = iter(
+            shard.iter_batches(batch_size=geo.micro_batch_size, batch_format="numpy", drop_last=True)
+        )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        while True:
+            rows = _as_rows(next(self.batches))
+            self.read += len(rows)
+            if not self.to_skip:
+                return rows
+            self.to_skip -= 1
 
 
 def _val_rows(geo: Geometry, n_rows: int, has_val: bool) -> np.ndarray | None:
@@ -171,13 +197,14 @@ def _load_teacher(run: FastDraftConfig, train: TrainConfig):
 class StageLoop:
     """One worker's training of one stage: ``__init__`` is the setup, ``train`` the loop (see the module doc)."""
 
-    def __init__(self, spec: LoopSpec):
+    def __init__(self, spec: LoopSpec, watchdog: Watchdog | None = None):
         import deepspeed
 
         from fastdraft_ray.models.draft import load_draft
         from fastdraft_ray.train.deepspeed import deepspeed_config, lr_scheduler
 
         self.spec, self.train_cfg = spec, spec.run.train
+        self.watchdog = watchdog or Watchdog(0)
         train = self.train_cfg
         torch.set_num_threads(train.cpus_per_worker)
         ctx = ray.train.get_context()
@@ -185,13 +212,17 @@ class StageLoop:
         self.geo = Geometry(self.world, train.micro_batch_size, train.grad_accum_steps, spec.seq_len)
         self.total_steps = self.geo.total_steps(train.token_budget)
         torch.manual_seed(train.seed)
+        self.watchdog.phase(f"loading the online teacher {spec.run.model.target}")
         teacher = _load_teacher(spec.run, train) if train.teacher == "online" else None
         self.loss_fn = make_loss_fn(spec.kd_layout, train.kd_loss, train.kd_alpha, teacher, train.teacher_topk)
 
+        self.watchdog.phase(f"loading the draft {spec.init_dir}")
         model = load_draft(spec.init_dir).train()
         model.config.use_cache = False
         if train.freeze_embeddings:
             model.get_input_embeddings().requires_grad_(False)
+        clear_stale_locks()  # a build killed earlier must not make DeepSpeed's op build wait forever
+        self.watchdog.phase("starting DeepSpeed (it may be building or loading its C++ communication op)")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -201,12 +232,14 @@ class StageLoop:
         self.position, last = DataPosition(0, 0, spec.rows_per_epoch), {}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
+            self.watchdog.phase("restoring the checkpoint")
             self.position, last = self._restore(checkpoint)
         self.resumed_at = self.position.step
         self.stage = StageLayout(Path(spec.stage_dir))
         self.writer = self._tensorboard() if self.rank == 0 else None
+        self.watchdog.phase("reading the validation rows")
         self.val_rows = _val_rows(self.geo, train.val_rows, spec.has_val)
-        self.batches = _batches(
+        self.batches = WorkerRows(
             ray.train.get_dataset_shard("train"), self.geo, self.position.rows_consumed - spec.data_start_row
         )
         self.val_loss = last.get("val/loss")
@@ -222,6 +255,9 @@ class StageLoop:
         if self.position.step == 0:
             self.score_proxy(0)
         while self.position.step < self.total_steps:
+            self.watchdog.phase(
+                f"training step {self.position.step + 1} (waiting for data, a peer's gradients, or the step itself)"
+            )
             t0 = time.perf_counter()
             losses, ids = self.step()
             self.window_time += time.perf_counter() - t0
@@ -232,12 +268,14 @@ class StageLoop:
                 step=step,
                 rank=self.rank,
                 rows=ids,
+                rows_read=self.batches.read,
                 loss=mean_loss,
                 local_loss=float(np.mean(losses)),
                 resumed_at=self.resumed_at,
                 seconds=time.perf_counter() - t0,
                 peak_rss_mb=_peak_rss_mb(),
                 node=ray.get_runtime_context().get_node_id() if self.spec.hooks.trace_dir else None,
+                ip=ray.util.get_node_ip_address() if self.spec.hooks.trace_dir else None,
             )
             last = step == self.total_steps
             if step % train.log_every == 0 or last:
@@ -263,7 +301,7 @@ class StageLoop:
         losses, ids = [], []
         for _ in range(self.geo.grad_accum_steps):
             try:
-                rows = next(self.batches)[self.geo.worker_slice(self.rank)]
+                rows = next(self.batches)
             except StopIteration as exc:
                 raise RuntimeError(
                     f"training data ran out at step {self.position.step + 1} of {self.total_steps}"
@@ -335,6 +373,7 @@ class StageLoop:
         """Mean loss on the validation rows (row-weighted); every rank scores an equal share of each micro-batch
         (the last one may be shorter than a global micro-batch)."""
         rows, geo = self.val_rows, self.geo
+        self.watchdog.phase(f"validating after step {self.position.step}")
         if rows is None:
             self.val_loss = None
             return
@@ -356,6 +395,7 @@ class StageLoop:
         proxy = self.spec.proxy
         if proxy is None:
             return
+        self.watchdog.phase(f"scoring the training proxy at step {at_step}")
         self.engine.eval()
         share = -(-len(proxy) // self.world)
         rows = list(range(self.rank, len(proxy), self.world))
@@ -383,6 +423,7 @@ class StageLoop:
 
     def checkpoint(self, metrics: dict) -> None:
         """DeepSpeed checkpoint (every rank writes its part) + data position, reported to Ray Train."""
+        self.watchdog.phase(f"writing the checkpoint of step {self.position.step}")
         tmp = tempfile.mkdtemp(prefix="fastdraft-ckpt-")
         try:
             self.engine.save_checkpoint(tmp, tag=DS_TAG)
@@ -418,6 +459,7 @@ class StageLoop:
         from fastdraft_ray.models.draft import save_draft
 
         engine, out_dir = self.engine, self.stage.export
+        self.watchdog.phase(f"exporting the draft to {out_dir}")
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.train_cfg.zero_stage == 3):
             if self.rank == 0:

@@ -57,12 +57,6 @@ class Geometry:
             raise ValueError(f"token budget must be positive, got {token_budget}")
         return math.ceil(token_budget / self.tokens_per_step)
 
-    def worker_slice(self, rank: int) -> slice:
-        """This worker's rows inside a global micro-batch."""
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} outside world of {self.world_size}")
-        return slice(rank * self.micro_batch_size, (rank + 1) * self.micro_batch_size)
-
     def to_dict(self) -> dict:
         return asdict(self)
 

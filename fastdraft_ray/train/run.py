@@ -23,19 +23,17 @@ from pathlib import Path
 
 from fastdraft_ray.assets import sha256_file
 from fastdraft_ray.config import FastDraftConfig, to_dict
-from fastdraft_ray.layout import RunLayout
+from fastdraft_ray.layout import RunLayout, is_url
 from fastdraft_ray.models.construct import prepare_init
+from fastdraft_ray.ray_runtime import DATA_CPUS
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
 log = logging.getLogger(__name__)
 
 
-def resume_position(sdir: str | Path) -> DataPosition | None:
-    """Where training of the stage in ``sdir`` (``<run_dir>/<stage>``) resumes: the data position of the latest
-    checkpoint Ray Train registered for that run, or None (no run folder, no registered checkpoint yet).
-
-    The one rule ``train_stage`` follows; the pipeline asks it to say whether a stage has unfinished work.
-    """
+def checkpoint_state(sdir: str | Path) -> dict | None:
+    """The training state (data position, batch geometry, metrics) of the latest checkpoint Ray Train registered
+    for the stage in ``sdir`` (``<run_dir>/<stage>``), or None (no run folder, no registered checkpoint yet)."""
     from ray.train import Result
 
     sdir = Path(sdir)
@@ -48,8 +46,32 @@ def resume_position(sdir: str | Path) -> DataPosition | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as ckpt_dir:
-        state = json.loads(Path(ckpt_dir, "train_state.json").read_text())
-    return DataPosition.from_dict(state["position"])
+        return json.loads(Path(ckpt_dir, "train_state.json").read_text())
+
+
+def resume_position(sdir: str | Path) -> DataPosition | None:
+    """Where training of the stage in ``sdir`` resumes: the data position of its latest checkpoint, or None.
+
+    The one rule ``train_stage`` follows; the pipeline asks it to say whether a stage has unfinished work.
+    """
+    state = checkpoint_state(sdir)
+    return DataPosition.from_dict(state["position"]) if state else None
+
+
+def check_resume_geometry(state: dict | None, geo: Geometry) -> None:
+    """Refuse, before any worker starts, to resume a checkpoint written with another batch geometry: DeepSpeed's
+    ZeRO state is partitioned per worker, and the data position counts global batches."""
+    if state is None or state["geometry"] == geo.to_dict():
+        return
+    old = Geometry(**state["geometry"])
+    raise ValueError(
+        f"the checkpoint to resume was written by {old.world_size} workers x micro_batch_size "
+        f"{old.micro_batch_size} x grad_accum_steps {old.grad_accum_steps} (seq_len {old.seq_len}); this run has "
+        f"{geo.world_size} x {geo.micro_batch_size} x {geo.grad_accum_steps} (seq_len {geo.seq_len}). Resume with "
+        f"train.num_workers={old.world_size} train.micro_batch_size={old.micro_batch_size} "
+        f"train.grad_accum_steps={old.grad_accum_steps}: on fewer nodes, Ray places several workers on one node "
+        "(lower train.cpus_per_worker until they fit). Or choose another run_name to start the stage afresh."
+    )
 
 
 def build_datasets(
@@ -70,6 +92,10 @@ def build_datasets(
         for epoch, skip in epoch_plan(start_row, end_row, rows_per_epoch)
     ]
     train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    # blocks of exactly one worker's micro-batch: the split hands them out round-robin (data/stream.py), so
+    # worker r reads rows [r*m, (r+1)*m) of each global micro-batch, and only those
+    train = train.repartition(target_num_rows_per_block=cfg.train.micro_batch_size, strict=True)
+    train.context.execution_options.preserve_order = True
     datasets = {"train": train}
     if cfg.train.val_rows > 0 and _split_rows(read_manifest(data_dir), "val"):
         datasets["val"] = training_dataset(
@@ -84,20 +110,19 @@ def _split_rows(manifest: dict, split: str) -> int:
 
 
 def _check_cpus(tc) -> None:
-    """Warn when the training workers would take every CPU: Ray Data's read tasks then cannot run."""
+    """Refuse (before any worker starts) a CPU run whose workers would leave Ray Data less than ``DATA_CPUS``: the
+    shard reads and the per-worker block cutting could then never run, and training would wait forever."""
     import ray
 
     if tc.use_gpu:
         return
     total, needed = ray.cluster_resources().get("CPU", 0), tc.num_workers * tc.cpus_per_worker
-    if total - needed < 0.25:
-        log.warning(
-            "the cluster has %s CPUs and the %d training workers take %s: nothing is left for reading the "
-            "token shards (Ray Data), so training may wait forever. Add a CPU (ray.init(num_cpus=...) "
-            "counts logical CPUs) or lower train.cpus_per_worker/num_workers.",
-            total,
-            tc.num_workers,
-            needed,
+    if total - needed < DATA_CPUS:
+        raise ValueError(
+            f"the cluster has {total:g} CPUs and the {tc.num_workers} training workers take {needed}: Ray Data "
+            f"needs {DATA_CPUS} more to read the token shards and cut them into per-worker blocks. Add a CPU "
+            "(ray start --num-cpus / ray.init(num_cpus=...) count logical CPUs) or lower "
+            "train.cpus_per_worker / train.num_workers."
         )
 
 
@@ -119,11 +144,11 @@ def train_stage(
     ``TuneReportCallback`` and latency model); ``hooks``: the loop's test ``Hooks`` (audit trace, a planted death).
     """
     import ray.train
-    from ray.data import DataContext, ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
+    from ray.data import DataContext
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from fastdraft_ray.data.stream import read_manifest
+    from fastdraft_ray.data.stream import read_manifest, train_data_config
     from fastdraft_ray.models.target import load_tokenizer, tokenizer_fingerprint
     from fastdraft_ray.train.deepspeed import deepspeed_config
     from fastdraft_ray.train.loop import Hooks, LoopSpec, train_fn_per_worker
@@ -149,7 +174,9 @@ def train_stage(
     init_dir = prepare_init(cfg, paths.init, init_from, data_dir=data_dir)
     rows_per_epoch = _split_rows(manifest, "train")
     _check_cpus(tc)
-    resume = resume_position(sdir)
+    state = checkpoint_state(sdir)
+    check_resume_geometry(state, geo)
+    resume = DataPosition.from_dict(state["position"]) if state else None
     start_row = resume.rows_consumed if resume else 0
     if resume:
         log.info("resuming stage %s at step %d (global row %d)", stage, resume.step, start_row)
@@ -173,14 +200,17 @@ def train_stage(
         kd_layout=manifest.get("kd_layout"),  # FT rows (train/kd_rows.py); None for packed text
         proxy=proxy,
         speedup_model=speedup_model,
-        hooks=hooks or Hooks(),
+        hooks=hooks or Hooks(trace_dir=tc.audit_dir or None),
     )
     resources = {"CPU": tc.cpus_per_worker, **tc.worker_resources}  # Ray adds GPU: 1 when use_gpu
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=tc.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=sdir.name,
@@ -190,7 +220,7 @@ def train_stage(
             callbacks=callbacks or None,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=train_data_config(datasets_to_split=["train"]),  # val: every worker reads the same rows
     )
     result = trainer.fit()
     export = paths.export
@@ -207,8 +237,8 @@ def train_stage(
         if resume is None
         else {"step": resume.step, "rows_consumed": start_row, "tokens": resume.step * geo.tokens_per_step},
         "inputs": {
-            "data_dir": str(Path(data_dir).resolve()),
-            "manifest_sha256": sha256_file(Path(data_dir) / "manifest.json"),
+            "data_dir": data_dir if is_url(data_dir) else str(Path(data_dir).resolve()),
+            "manifest_sha256": sha256_file(f"{str(data_dir).rstrip('/')}/manifest.json"),
             "tokenizer_hash": tokenizer_hash,
             "init_from": init_from,
             "init_sha256": sha256_file(init_dir / "model.safetensors"),

@@ -59,7 +59,12 @@ def test_end_to_end_writes_every_report_file(tmp_path, tiny_pair, prompts):
     # Greedy speculative decoding is lossless: the same tokens as the target alone, whatever the draft.
     assert all(by_key[(d, "greedy", t)]["matches_target"] == 1.0 for d in ("draft", "target") for t in TASKS)
     assert 0.0 <= by_key[("draft", "sampling", ALL)]["acceptance_rate"] < 1.0
-    assert res.drafts[0].c_params == pytest.approx(res.drafts[0].param_bytes / res.drafts[1].param_bytes)
+    # c: decode-step bytes (the target as its own draft reads what the target reads)
+    assert res.drafts[0].c_params == pytest.approx(res.drafts[0].step_bytes / res.drafts[1].step_bytes)
+    assert res.drafts[1].c_params == pytest.approx(1.0)
+    # which side runs first alternates from prompt to prompt
+    firsts = [r["base_first"] for r in res.records if r["draft"] == "draft" and r["mode"] == "greedy"]
+    assert firsts[:2] == [True, False]
     assert all(d.draft_step_s > 0 and d.target_step_s > 0 for d in res.drafts)
     assert set(res.metrics("draft", "greedy")) >= {
         f"eval/{t}/{m}" for t in TASKS for m in ("acceptance_rate", "block_efficiency", "mbsu", "speedup")

@@ -149,16 +149,30 @@ def test_speculative_decoding_with_a_trimmed_draft_is_the_targets_greedy_output(
     assert 0 < result.stats.acceptance_rate < 1  # kept-set tokens accepted, the others corrected by the target
 
 
-def test_speculative_sampling_with_trimmed_draft_runs_and_self_speculation_accepts_everything():
-    target = _target()
-    draft = _kept_copy(target)
-    ids = torch.tensor([[1, 7, 19, 42]])
-    gen = torch.Generator().manual_seed(0)
-    result = speculative_generate(target, draft, ids, gamma=4, max_new_tokens=30, temperature=0.8, generator=gen)
-    assert len(result.tokens) == 30 and 0 <= result.stats.acceptance_rate <= 1
-    # Target = draft: p == q on the kept set (0 outside on both), so every proposal is accepted (no NaN from -inf).
+def test_speculative_sampling_with_a_trimmed_draft_follows_the_target_distribution():
+    """q = 0 outside the kept set, so there the residual max(0, p - q) is p itself: the emitted tokens still follow
+    the target's distribution exactly (chi-square on the first tokens' joint and later marginals), the broken
+    resample-from-p rule is caught on the same pair, and a trimmed draft speculating for itself accepts everything
+    (no NaN from its -inf logits)."""
+    from tests.specdec.test_sampling_distribution import (
+        ALPHA,
+        exact_joint,
+        pvalues,
+        resample_from_p,
+        samples,
+        tiny,
+    )
+
+    target, kept = tiny(0), torch.tensor([0, 2, 3, 5, 6])
+    draft = trim_draft(tiny(1), kept)
+    joint = exact_joint(target, 1.0, 1.0)
+    correct = pvalues(samples(target, draft, 800), joint)
+    assert min(correct.values()) > ALPHA, correct
+    broken = pvalues(samples(target, draft, 500, verify=resample_from_p), joint)
+    assert min(broken.values()) < ALPHA, broken
+    ids, gen = torch.tensor([[1, 5, 3, 7]]), torch.Generator().manual_seed(0)
     same = speculative_generate(draft, draft, ids, gamma=4, max_new_tokens=30, temperature=0.8, generator=gen)
-    assert same.stats.acceptance_rate == 1.0 and set(same.tokens) <= set(KEPT.tolist())
+    assert same.stats.acceptance_rate == 1.0 and set(same.tokens) <= set(kept.tolist())
 
 
 def test_transformers_assisted_generation_with_trimmed_draft_matches_greedy():

@@ -26,8 +26,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+FAIL_MIDWAY = [3, 1, 4, 1, 5, 9]  # a prompt of these token ids makes the tiny decoder fail after its first step
+
+
+class FailsMidway(SpecDecoder):
+    """A decoder whose generation of the ``FAIL_MIDWAY`` prompt raises after its first step (a replica error in
+    mid-generation, which the server must answer as an error, not as a crash)."""
+
+    def stream(self, input_ids, **kwargs):
+        steps = super().stream(input_ids, **kwargs)
+        return self._fail_after_first(steps) if list(input_ids)[: len(FAIL_MIDWAY)] == FAIL_MIDWAY else steps
+
+    @staticmethod
+    def _fail_after_first(steps):
+        yield next(steps)
+        raise RuntimeError("injected failure in mid-generation")
+
+
 def tiny_loader(model, settings, device) -> SpecDecoder:
-    """Random tiny target and draft over the real SmolLM2 tokenizer's vocabulary (fast on one thread)."""
+    """Random tiny target and draft over the real SmolLM2 tokenizer's vocabulary (fast on one thread); the prompt
+    ``FAIL_MIDWAY`` fails in mid-generation."""
     from fastdraft_ray.assets import embedded_target_dir
     from fastdraft_ray.models.target import load_tokenizer
 
@@ -38,7 +56,7 @@ def tiny_loader(model, settings, device) -> SpecDecoder:
     draft = AutoModelForCausalLM.from_config(
         tiny_config("llama", vocab_size=SMOLLM2_VOCAB, num_hidden_layers=1, **special)
     ).eval()
-    return SpecDecoder(target, draft if settings.draft else None, settings, tokenizer=tokenizer)
+    return FailsMidway(target, draft if settings.draft else None, settings, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="package")

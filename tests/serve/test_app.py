@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.serve.conftest import API_KEY, scrape
+from tests.serve.conftest import API_KEY, FAIL_MIDWAY, scrape
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CLIENT_TIMEOUT_S = 120  # the client timeout of every request here (README: 64 concurrent requests)
@@ -72,6 +72,12 @@ def bad_inputs(max_new: int, max_prompt: int) -> list[tuple[str, object, str]]:
         ("/v1/completions", {"prompt": ""}, "prompt"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, "outside the vocabulary"),
         ("/v1/completions", {"prompt": "x", "model_path": "/etc/passwd"}, "Extra inputs"),
+        ("/v1/completions", {"prompt": "x", "seed": 2**64}, "seed"),  # was a 500 (torch refuses the seed)
+        ("/v1/completions", {"prompt": "x", "stop": ["x" * 200]}, "stop"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 600}, "messages"),
+        ("/v1/completions", {"prompt": [5] * (max_prompt + 1)}, f"at most {max_prompt}"),
+        # refused by the ingress unread (before: tokenised on the decoder's event loop, stalling its streams)
+        ("/v1/completions", {"prompt": "word " * (16 * max_prompt)}, "characters"),
     ]
 
 
@@ -95,6 +101,59 @@ def check_refusals(url: str, cases: list[tuple[str, object, str]]) -> None:
 
 def test_bad_input_gets_an_openai_style_4xx(tiny_app):
     check_refusals(tiny_app, bad_inputs(256, 64))
+
+
+def test_an_oversized_body_gets_413_unread(tiny_app):
+    before = replica(tiny_app)
+    huge = {"prompt": "x" * (2 << 20), "max_tokens": 2}  # 2 MiB > serve.max_request_bytes (1 MiB)
+    r = post(tiny_app, "/v1/completions", huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text[:300]
+    chunked = requests.post(  # no Content-Length: counted as it arrives
+        f"{tiny_app}/v1/completions", data=iter([b'{"prompt": "', b"y" * (2 << 20), b'"}']),
+        headers={**AUTH, "Content-Type": "application/json"}, timeout=CLIENT_TIMEOUT_S,
+    )  # fmt: skip
+    assert chunked.status_code == 413, chunked.text[:300]
+    assert replica(tiny_app) == before
+
+
+def test_a_tiny_temperature_decodes_greedily_instead_of_failing(tiny_app):
+    """1e-40 used to overflow logits / T (NaN, a 500); below 1e-5 a request decodes greedily, as on vLLM."""
+    raw = {"prompt": "The weather today", "max_tokens": 8, "return_token_ids": True}
+    greedy = post(tiny_app, "/v1/completions", {**raw, "temperature": 0}).json()["choices"][0]["token_ids"]
+    tiny = post(tiny_app, "/v1/completions", {**raw, "temperature": 1e-40})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["token_ids"] == greedy
+
+
+def test_a_failure_in_mid_generation_is_an_openai_error(tiny_app):
+    body = {"prompt": FAIL_MIDWAY, "max_tokens": 8, "temperature": 0}
+    whole = post(tiny_app, "/v1/completions", body)
+    assert whole.status_code == 500 and whole.json()["error"]["type"] == "server_error", whole.text[:300]
+    with post(tiny_app, "/v1/completions", {**body, "stream": True}, stream=True) as r:
+        chunks = events(r)
+    assert chunks[-1]["error"]["type"] == "server_error"
+    assert post(tiny_app, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+def test_health_names_no_path_and_the_cost_policy_is_ready_for_any_request(tiny_app):
+    """/health needs no key, so it shows no file path; the cost policy's costs were measured at start up to
+    max_gamma (not only serve.gamma), so a request may ask for it without stalling the replica."""
+    health = requests.get(f"{tiny_app}/health", timeout=30).json()
+    assert "draft" not in health and "/" not in json.dumps({k: v for k, v in health.items() if k != "model"})
+    assert health["cost_policy_max_gamma"] == 8 > health["gamma"]
+    r = post(tiny_app, "/v1/completions", {"prompt": "Hello", "max_tokens": 8, "gamma_policy": "cost"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def test_api_keys_are_compared_in_constant_time_against_every_key(monkeypatch):
+    import hmac
+
+    from fastdraft_ray.serve import app
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(app.hmac, "compare_digest", lambda a, b: calls.append(b) or real(a, b))
+    assert app.key_matches("k1", ["k1", "k2", "k3"]) and calls == [b"k1", b"k2", b"k3"]  # no early exit
+    assert not app.key_matches("k", ["k1", "k2"])
 
 
 def test_stream_matches_the_whole_response_and_target_only_is_lossless(tiny_app):

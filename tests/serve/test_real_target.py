@@ -7,10 +7,14 @@ evaluation harness run through the endpoint gets the in-process tokens, alpha an
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+from pathlib import Path
 
 import pytest
+import requests
 import torch
+import yaml
 
 from fastdraft_ray.config import ConfigError, DraftConfig, load_config
 from fastdraft_ray.evaluate.run import evaluate
@@ -20,6 +24,7 @@ from tests.serve.conftest import API_KEY, deploy, scrape
 from tests.serve.test_app import bad_inputs, check_refusals, events, post
 
 pytestmark = pytest.mark.real_target
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
 NEW = 20
 QUESTION = "What are three good habits for writing clear code?"
@@ -123,16 +128,77 @@ def test_acceptance_counters_count_what_the_responses_report(real_app, serve_ins
     assert any('position="0"' in k and f'model="{MODEL}"' in k for k in per_pos), per_pos
 
 
+def relabel(series: list[tuple[str, dict]], rules: list[dict]) -> list[tuple[str, dict]]:
+    """Prometheus's ``replace`` relabelling (the default action): the source labels joined by ';' must match the
+    anchored regex; the target label gets the replacement with $1 / ${1} expanded."""
+    out = []
+    for name, labels in series:
+        labels = {"__name__": name, **labels}
+        for rule in rules:
+            value = ";".join(labels.get(k, "") for k in rule["source_labels"])
+            if match := re.fullmatch(rule["regex"], value):
+                labels[rule["target_label"]] = re.sub(
+                    r"\$\{?(\d+)\}?", lambda m: match.group(int(m[1])), rule["replacement"]
+                )
+        out.append((labels.pop("__name__"), labels))
+    return out
+
+
+def test_prometheus_rules_give_the_series_vllm_dashboards_query(real_app, serve_instance):
+    post(real_app, "/v1/completions", {"prompt": CODE, "max_tokens": 16, "temperature": 0})
+    wanted = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")
+    for _ in range(30):  # Ray exports every second
+        text = requests.get(serve_instance[1], timeout=10).text
+        series = [
+            (m[1], dict(re.findall(r'(\w+)="([^"]*)"', m[2])))
+            for m in re.finditer(r"^(ray_spec_decode_\w+)\{(.*)\} \S+$", text, re.M)
+        ]
+        if {name for name, _ in series} >= {f"ray_spec_decode_{w}_total" for w in wanted}:
+            break
+        time.sleep(1)
+    config = yaml.safe_load((ROOT / "cluster" / "prometheus" / "vllm_names.yml").read_text())
+    renamed = relabel(series, config["scrape_configs"][0]["metric_relabel_configs"])
+    mine = [(name, labels) for name, labels in renamed if labels.get("model_name") == MODEL]
+    assert {name for name, _ in mine} >= {f"vllm:spec_decode_{w}_total" for w in wanted}, renamed
+    assert any("position" in labels for name, labels in mine if name.endswith("per_pos_total"))
+
+
 def test_a_client_that_disconnects_stops_its_generation(real_app, serve_instance):
+    """The client leaves after the first chunk of a 256-token generation: the request is counted as cancelled and
+    the replica's generated-token counter stops growing far short of 256 more tokens."""
+
+    def generated() -> float:
+        series = scrape(serve_instance[1], "ray_fastdraft_generated_tokens_total")
+        return sum(v for k, v in series.items() if f'model="{MODEL}"' in k)
+
+    def cancelled(series: dict) -> float:
+        return sum(x for k, x in series.items() if 'status="cancelled"' in k and f'model="{MODEL}"' in k)
+
+    before, cancelled_before = (
+        settled(generated),
+        cancelled(scrape(serve_instance[1], "ray_fastdraft_requests_total")),
+    )
     body = {"prompt": "A long story:", "max_tokens": 256, "temperature": 0, "stream": True}
     with post(real_app, "/v1/completions", body, stream=True) as r:
         next(r.iter_lines())  # the first chunk arrived: the generation is under way; leave
+    series = scrape(
+        serve_instance[1], "ray_fastdraft_requests_total", until=lambda v: cancelled(v) > cancelled_before,
+        timeout_s=60,
+    )  # fmt: skip
+    assert cancelled(series) > cancelled_before, series
+    after = settled(generated)
+    assert after - before < 64, f"{after - before} tokens generated after the client left"
 
-    def cancelled(series: dict) -> bool:
-        return any('status="cancelled"' in k and f'model="{MODEL}"' in k and x > 0 for k, x in series.items())
 
-    series = scrape(serve_instance[1], "ray_fastdraft_requests_total", until=cancelled, timeout_s=60)
-    assert cancelled(series), series
+def settled(read, interval_s: float = 2.5, timeout_s: float = 60.0) -> float:
+    """``read()`` once two reads ``interval_s`` apart agree (Ray exports counters every second)."""
+    deadline, last = time.monotonic() + timeout_s, read()
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        if (now := read()) == last:
+            return now
+        last = now
+    raise AssertionError(f"the counter kept moving for {timeout_s} s (last {last})")
 
 
 def test_evaluation_through_http_gets_the_in_process_tokens_alpha_and_tau(real_app, real_draft, monkeypatch):

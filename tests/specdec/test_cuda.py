@@ -85,14 +85,14 @@ def test_sampled_output_follows_the_target_on_cuda():
         GAMMA,
         PROMPT,
         K,
-        _exact_joint,
-        _pvalues,
-        _resample_from_p,
-        _tiny,
+        exact_joint,
+        pvalues,
+        resample_from_p,
+        tiny,
     )
 
-    target, draft = _tiny(0), _tiny(1)
-    joint = _exact_joint(target, 1.0, 1.0)  # on the CPU: the reference
+    target, draft = tiny(0), tiny(1)
+    joint = exact_joint(target, 1.0, 1.0)  # on the CPU: the reference
     target, draft = target.to("cuda"), draft.to("cuda")
     decoder = SpecDecoder(target, draft, DecodeConfig(gamma=GAMMA, stop_at_eos=False, linear_kernel="torch"))
 
@@ -110,7 +110,7 @@ def test_sampled_output_follows_the_target_on_cuda():
             rows.append([t for step in steps for t in step.tokens])
         return torch.tensor(rows)
 
-    good, bad = _pvalues(samples(800), joint), _pvalues(samples(500, _resample_from_p), joint)
+    good, bad = pvalues(samples(800), joint), pvalues(samples(500, resample_from_p), joint)
     ok = min(good.values()) > ALPHA and min(bad.values()) < ALPHA
     report(
         "speculative sampling chi-square (cuda)",

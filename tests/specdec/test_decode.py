@@ -202,6 +202,35 @@ def test_eos_stops_inclusive_single_and_list():
     assert _hf_greedy(target, ids, 30, eos=eos) == full[: k + 1]  # same convention as transformers
 
 
+def test_draft_tokens_accepted_after_a_stop_token_do_not_count():
+    """The target as its own draft accepts all 4 proposals of the first step; a stop token at proposal k + 1 < 4
+    cuts the block there, and only the k + 1 emitted tokens count as accepted (not all 4)."""
+    target = _model(tiny_config("llama"), 0)
+    for seed in range(20):
+        ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(seed))
+        full = autoregressive_generate(target, ids, max_new_tokens=5).tokens
+        k = next((i for i in (1, 2) if full[i] not in full[:i]), None)
+        if k is not None:
+            break
+    res = speculative_generate(target, target, ids, gamma=4, max_new_tokens=30, eos_token_id=full[k])
+    assert res.tokens == full[: k + 1] and res.stats.steps == 1 and res.stats.proposed == 4
+    assert res.stats.accepted == k + 1 and res.stats.accepted_per_step == [k + 1]
+
+
+@pytest.mark.parametrize("speculative", [True, False], ids=["speculative", "target_only"])
+def test_a_long_prompt_is_prefilled_in_chunks_with_a_step_between_them(speculative):
+    """22 prompt tokens to prefill in chunks of 5: 4 empty steps per model (the target, then the draft) before
+    the first token, then the same tokens as one-forward prefill."""
+    target = _model(tiny_config("llama"), 0)
+    decoder = SpecDecoder(target, _noisy_copy(target, 0.3) if speculative else None, DecodeConfig(gamma=3))
+    ids = torch.randint(3, 96, (1, 23), generator=torch.Generator().manual_seed(2))
+    whole = decoder.generate(ids, max_new_tokens=20, temperature=0.0).tokens
+    steps = list(decoder.stream(ids, max_new_tokens=20, temperature=0.0, prefill_chunk=5))
+    empty = next(i for i, step in enumerate(steps) if step.tokens)
+    assert empty == (8 if speculative else 4) and not any(s.finished for s in steps[:empty])
+    assert_greedy_equal(target, ids, whole, [t for step in steps for t in step.tokens], "chunked prefill")
+
+
 def test_sampling_is_reproducible_and_seed_dependent():
     cfg = tiny_config("llama")
     target, draft = _model(cfg, 0), _model(cfg, 1)

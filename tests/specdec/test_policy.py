@@ -28,9 +28,9 @@ from tests.specdec.test_sampling_distribution import (
     ALPHA,
     PROMPT,
     K,
-    _exact_joint,
-    _pvalues,
+    exact_joint,
     pair,  # noqa: F401 (fixture)
+    pvalues,
 )
 
 # CPU-like costs (measured on the real target, fp32): a draft at 0.2 of a target step, scoring k tokens at once
@@ -250,6 +250,6 @@ def test_policy_keeps_the_target_sampling_distribution(pair, name):  # noqa: F81
         gammas += out.stats.proposed_per_step[:-1]  # the last step is cut by the token budget
     counts = torch.bincount(torch.tensor(gammas))
     assert (counts > 0).sum() >= 2, counts  # the policy really varied gamma (cost: 0 included)
-    pvals = _pvalues(torch.tensor(rows), _exact_joint(target, 1.0, 1.0))
+    pvals = pvalues(torch.tensor(rows), exact_joint(target, 1.0, 1.0))
     print(f"p-values ({name} policy):", pvals, "gamma counts", counts.tolist())
     assert min(pvals.values()) > ALPHA, pvals

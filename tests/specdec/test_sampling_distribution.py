@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from fastdraft_ray.config import DecodeConfig
+from fastdraft_ray.specdec import decode
 from fastdraft_ray.specdec.decode import speculative_generate, speculative_stream
 from fastdraft_ray.specdec.engine import SpecDecoder
 from fastdraft_ray.specdec.sampling import probs_from_logits, sample, verify_sampled
@@ -29,7 +30,7 @@ PROMPT = torch.tensor([[1, 5, 3, 7]])
 ALPHA = 1e-3  # per-test significance; seeds are fixed, so the outcome is deterministic
 
 
-def _tiny(seed: int):
+def tiny(seed: int):
     cfg = tiny_config(
         "llama",
         vocab_size=VOCAB,
@@ -46,11 +47,11 @@ def _tiny(seed: int):
 
 @pytest.fixture(scope="module")
 def pair():
-    return _tiny(0), _tiny(1)
+    return tiny(0), tiny(1)
 
 
 @torch.inference_mode()
-def _exact_joint(model, temperature: float, top_p: float) -> torch.Tensor:
+def exact_joint(model, temperature: float, top_p: float) -> torch.Tensor:
     """P(x_1..x_K) of plain sampling, shape (V,)*K, by enumerating all prefixes (V**(K-1) rows at the end).
 
     The temperature/top-p processing is transformers' own (an independent reference for ``sampling.py``).
@@ -68,9 +69,9 @@ def _exact_joint(model, temperature: float, top_p: float) -> torch.Tensor:
     return joint
 
 
-def _samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0, verify=None):
-    """``n`` sampled continuations through the engine's ``stream()`` (``verify``: a deliberately broken rule,
-    swapped in at the decoding loop's test hook instead)."""
+def samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0, verify=None):
+    """``n`` sampled continuations through the engine's ``stream()`` (``draft`` None: plain sampling from the
+    target alone; ``verify``: a deliberately broken rule, swapped in at the decoding loop's test hook instead)."""
     decoder = SpecDecoder(target, draft, DecodeConfig(gamma=GAMMA, stop_at_eos=False))
     rows = []
     for seed in range(n):
@@ -86,7 +87,7 @@ def _samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0
     return torch.tensor(rows)
 
 
-def _chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
     """Chi-square goodness of fit; cells with expected count < 5 are pooled into one."""
     n = observed.sum().item()
     exp = expected_probs.flatten().double() * n
@@ -102,23 +103,23 @@ def _chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
     )
 
 
-def _pvalues(tokens: torch.Tensor, joint: torch.Tensor) -> dict[str, float]:
+def pvalues(tokens: torch.Tensor, joint: torch.Tensor) -> dict[str, float]:
     """p-values for: the joint of (x1, x2), and the marginals of x3, x4, x5 (later steps, rolled-back caches)."""
     out = {}
     pair_counts = torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB**2)
-    out["x1,x2"] = _chi2_pvalue(pair_counts, joint.sum(dim=tuple(range(2, K))))
+    out["x1,x2"] = chi2_pvalue(pair_counts, joint.sum(dim=tuple(range(2, K))))
     for pos in range(2, K):
         marg = joint.sum(dim=tuple(d for d in range(K) if d != pos))
-        out[f"x{pos + 1}"] = _chi2_pvalue(torch.bincount(tokens[:, pos], minlength=VOCAB), marg)
+        out[f"x{pos + 1}"] = chi2_pvalue(torch.bincount(tokens[:, pos], minlength=VOCAB), marg)
     return out
 
 
-def _accept_always(p, q, drafted, generator):
+def accept_always(p, q, drafted, generator):
     g = drafted.numel()
     return g, sample(p[g], generator)
 
 
-def _resample_from_p(p, q, drafted, generator):
+def resample_from_p(p, q, drafted, generator):
     g = drafted.numel()
     rows = torch.arange(g, device=p.device)
     u = torch.rand(g, generator=generator, dtype=p.dtype, device=p.device)
@@ -130,21 +131,34 @@ def _resample_from_p(p, q, drafted, generator):
 @pytest.mark.parametrize(("temperature", "top_p"), SETTINGS)
 def test_speculative_sampling_matches_target_distribution(pair, temperature, top_p):
     target, draft = pair
-    joint = _exact_joint(target, temperature, top_p)
-    tokens = _samples(target, draft, 800, temperature, top_p)
-    pvals = _pvalues(tokens, joint)
+    joint = exact_joint(target, temperature, top_p)
+    tokens = samples(target, draft, 800, temperature, top_p)
+    pvals = pvalues(tokens, joint)
     print(f"p-values (correct rule, T={temperature}, top_p={top_p}):", pvals)
     assert min(pvals.values()) > ALPHA, pvals
 
 
-@pytest.mark.parametrize("broken", [_accept_always, _resample_from_p], ids=["accept_always", "resample_from_p"])
+@pytest.mark.parametrize("broken", [accept_always, resample_from_p], ids=["accept_always", "resample_from_p"])
 def test_broken_rules_are_detected(pair, broken):
     target, draft = pair
-    joint = _exact_joint(target, 1.0, 1.0)
-    tokens = _samples(target, draft, 500, verify=broken)
-    pvals = _pvalues(tokens, joint)
+    joint = exact_joint(target, 1.0, 1.0)
+    tokens = samples(target, draft, 500, verify=broken)
+    pvals = pvalues(tokens, joint)
     print(f"p-values ({broken.__name__}):", pvals)
     assert min(pvals.values()) < ALPHA, pvals
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), SETTINGS)
+def test_plain_sampling_matches_target_distribution(pair, temperature, top_p, monkeypatch):
+    """The target alone (the baseline every speedup is measured against) samples its own distribution; the same
+    test rejects a sampler that squares the probabilities (a wrong temperature)."""
+    target, _ = pair
+    joint = exact_joint(target, temperature, top_p)
+    correct = pvalues(samples(target, None, 800, temperature, top_p), joint)
+    assert min(correct.values()) > ALPHA, correct
+    monkeypatch.setattr(decode, "sample", lambda probs, gen: sample(probs**2 / (probs**2).sum(), gen))
+    broken = pvalues(samples(target, None, 500, temperature, top_p), joint)
+    assert min(broken.values()) < ALPHA, broken
 
 
 def test_acceptance_paths_all_occur(pair):

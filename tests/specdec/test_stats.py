@@ -73,13 +73,23 @@ def test_best_gamma():
         S.best_gamma(0.5, 0.1, max_gamma=0)
 
 
-def test_cost_ratio_from_params():
+def test_decode_step_bytes_read_one_embedding_row_at_the_decoding_precision():
+    untied = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=False))
+    tied = AutoModelForCausalLM.from_config(tiny_config("llama", tie_word_embeddings=True))
+    vocab, hidden = untied.config.vocab_size, untied.config.hidden_size
+    n_untied = sum(p.numel() for p in untied.parameters())
+    # untied: every weight but the input embedding, of which one row; tied: the head reads the shared matrix
+    assert S.decode_step_bytes(untied) == 4 * (n_untied - vocab * hidden + hidden)
+    assert S.decode_step_bytes(tied) == 4 * (sum(p.numel() for p in tied.parameters()) + hidden)
+    assert S.decode_step_bytes(untied, "bf16") * 2 == S.decode_step_bytes(untied)  # the precision, not the dtype
+    linear = sum(m.weight.numel() for m in untied.modules() if isinstance(m, torch.nn.Linear))
+    assert S.decode_step_bytes(untied, "int8") == S.decode_step_bytes(untied) - 3 * linear  # int8 Linear weights
     big = AutoModelForCausalLM.from_config(tiny_config("llama", hidden_size=128, num_attention_heads=4))
-    small = AutoModelForCausalLM.from_config(tiny_config("llama"))
-    assert S.cost_ratio_from_params(small, big) == pytest.approx(param_bytes(small) / param_bytes(big))
-    assert 0 < S.cost_ratio_from_params(small, big) < 1
-    half = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16)
-    assert S.cost_ratio_from_params(half, small) == pytest.approx(0.5)  # bytes, not parameter counts
+    assert S.cost_ratio_from_bytes(untied, big) == pytest.approx(
+        S.decode_step_bytes(untied) / S.decode_step_bytes(big)
+    )
+    assert S.cost_ratio_from_bytes(untied, untied, "bf16", "fp32") == pytest.approx(0.5)
+    assert S.cost_ratio_from_bytes(untied, big) != pytest.approx(param_bytes(untied) / param_bytes(big))
 
 
 def test_measure_step_latency_is_positive_and_grows_with_tokens():

@@ -29,9 +29,12 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
 
     geo = Geometry(2, 2, 1, 16)
     total = geo.total_steps(1536)
-    lineage, steps = effective_lineage(read_trace(tmp_path))
+    trace = read_trace(tmp_path)
+    lineage, steps = effective_lineage(trace)
     assert sorted(steps) == list(range(1, total + 1))
     assert lineage == expected_rows(tiny_data, total * geo.rows_per_step)
+    # each worker received only its own rows: together, each trained row once (not once per worker)
+    assert sum(recs[-1]["rows_read"] for recs in trace.values()) == total * geo.rows_per_step
 
     first, last = steps[1]["loss"], record["metrics"]["train/loss"]
     assert first > 4.0 and last < first - 0.5, (first, last)  # log(96) = 4.56 at init
@@ -47,6 +50,10 @@ def test_pt_stage_trains_every_row_once_in_order_and_exports(tmp_path, tiny_targ
     # what a re-run would resume: the last checkpoint, after every step (nothing left to train)
     assert resume_position(sdir) == DataPosition(total, total * geo.rows_per_step, 64)
     assert resume_position(tmp_path / "runs" / "t" / "cp") is None
+    # the checkpoint cannot be resumed by another worker count: refused before any worker starts, saying how
+    one_worker = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=3072, num_workers=1)
+    with pytest.raises(ValueError, match=r"written by 2 workers.*Resume with train.num_workers=2"):
+        train_stage(one_worker, str(tiny_data))
     draft = AutoModelForCausalLM.from_pretrained(sdir / "export")
     check_compatible(AutoModelForCausalLM.from_pretrained(tiny_target).config, draft)
     with torch.no_grad():
@@ -98,12 +105,26 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_target):
         train_stage(tiny_run_config(tiny_target, tmp_path / "runs"), str(data))
 
 
-def test_val_split_smaller_than_one_global_micro_batch_is_still_scored(tmp_path, tiny_target, tiny_hash, ray_3cpu):
+@pytest.mark.timeout(600)
+def test_a_small_val_split_is_scored_and_a_stale_build_lock_does_not_hang(
+    tmp_path, tiny_target, tiny_hash, ray_3cpu
+):
+    """3 val rows < 4 (2 workers x micro-batch 2): scored as 2 rows, one per worker (a small FT split's case). And a
+    lock left in DeepSpeed's op build folder by a killed build: the workers clear it and train (before, they waited
+    on it forever right after loading their weights)."""
+    from fastdraft_ray.jit_ops import extensions_root
     from fastdraft_ray.train.run import train_stage
 
-    # 3 val rows < 4 (2 workers x micro-batch 2): scored as 2 rows, one per worker (a small FT split's case)
     data = write_shards(tmp_path / "data", tokenizer_hash=tiny_hash, vocab_size=96, val_rows=3)
-    record = train_stage(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256), str(data))
+    lock = extensions_root() / "deepspeed_shm_comm" / "lock"  # the folder the workers build in (same env)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    try:
+        record = train_stage(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256), str(data))
+    finally:
+        planted = lock.exists()
+        lock.unlink(missing_ok=True)
+    assert not planted
     val = record["metrics"]["val/loss"]
     assert val is not None and 0 < val < 10
 

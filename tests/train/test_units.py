@@ -11,14 +11,10 @@ from fastdraft_ray.train.losses import lm_loss, split_row_batch
 from fastdraft_ray.train.position import DataPosition, Geometry, epoch_plan
 
 
-def test_geometry_counts_steps_and_slices_each_worker_disjointly():
+def test_geometry_counts_rows_and_steps():
     geo = Geometry(world_size=2, micro_batch_size=3, grad_accum_steps=2, seq_len=16)
     assert (geo.rows_per_micro_step, geo.rows_per_step, geo.tokens_per_step) == (6, 12, 192)
     assert geo.total_steps(192) == 1 and geo.total_steps(193) == 2
-    slices = [range(6)[geo.worker_slice(r)] for r in range(2)]
-    assert list(slices[0]) + list(slices[1]) == list(range(6))
-    with pytest.raises(ValueError):
-        geo.worker_slice(2)
     with pytest.raises(ValueError):
         geo.total_steps(0)
 
