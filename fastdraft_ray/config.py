@@ -358,11 +358,18 @@ class DecodeConfig(Section):
         "cost policy: the drafts' known per-token acceptance (the alpha_per_token an earlier evaluation measured); "
         "< 0 = unknown (optimistic prior).",
     )
+    proposer: Literal["draft", "ngram", "draft+ngram"] = doc(
+        "draft",
+        "Who proposes: draft | ngram (prompt lookup, no draft) | draft+ngram (the tokens that followed an earlier "
+        "occurrence of the context's suffix when there is one, else the draft). Lossless either way.",
+    )
+    ngram_max: int = doc(3, "ngram proposers: longest context suffix looked up.")
+    ngram_tokens: int = doc(3, "ngram proposers: most tokens proposed from a match.")
 
     prefix = "decode."
 
     def validate(self) -> None:
-        self.positive("gamma", "max_gamma")
+        self.positive("gamma", "max_gamma", "ngram_max", "ngram_tokens")
         self.need(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
         self.need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self.need(0 <= self.confidence_threshold < 1, "confidence_threshold", "must be in [0, 1)")

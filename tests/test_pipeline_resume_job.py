@@ -36,6 +36,7 @@ def _checkpoint(sdir: Path):
         return None
 
 
+@pytest.mark.slow  # over a minute (`-m slow`); its recorded run: benchmarks/results/slow_tests_2026-12-03.md
 def test_stopped_pipeline_job_resumes_pt_when_resubmitted(tmp_path, job_client):
     from ray.job_submission import JobStatus
 

@@ -64,6 +64,7 @@ class DecodeStats:
     wall_time_s: float = 0.0
     accepted_per_step: list[int] = field(default_factory=list)
     proposed_per_step: list[int] = field(default_factory=list)  # gamma actually used per step (policies vary it)
+    ngram_steps: int = 0  # steps whose proposal came from the context's n-grams (proposer ngram, draft+ngram)
 
     @property
     def acceptance_rate(self) -> float:
@@ -105,6 +106,7 @@ class DecodeStats:
             wall_time_s=self.wall_time_s + other.wall_time_s,
             accepted_per_step=self.accepted_per_step + other.accepted_per_step,
             proposed_per_step=self.proposed_per_step + other.proposed_per_step,
+            ngram_steps=self.ngram_steps + other.ngram_steps,
         )
 
 
@@ -188,10 +190,26 @@ def _prefill(run: CachedRunner, ids: list[int], chunk: int, stats: DecodeStats, 
             clock.resume()
 
 
+PROPOSERS = ("draft", "ngram", "draft+ngram")
+
+
+def ngram_proposal(history: list[int], max_match: int, max_tokens: int) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the longest suffix of ``history``
+    (at most ``max_match`` tokens long), at most ``max_tokens`` of them; [] when no suffix occurred before."""
+    if max_tokens <= 0:
+        return []
+    for k in range(min(max_match, len(history) - 1), 0, -1):
+        suffix = history[-k:]
+        for start in range(len(history) - k - 1, -1, -1):
+            if history[start : start + k] == suffix:
+                return history[start + k : start + k + max_tokens]
+    return []
+
+
 @torch.inference_mode()
 def speculative_stream(
     target: PreTrainedModel,
-    draft: PreTrainedModel,
+    draft: PreTrainedModel | None,
     input_ids: torch.LongTensor,
     *,
     gamma: int | None = None,
@@ -202,6 +220,9 @@ def speculative_stream(
     generator: torch.Generator | None = None,
     policy: GammaPolicy | None = None,
     prefill_chunk: int = 0,
+    proposer: str = "draft",
+    ngram_max: int = 3,
+    ngram_tokens: int = 3,
     _verify: VerifyFn = verify_sampled,
 ) -> Iterator[Step]:
     """Generate up to ``max_new_tokens`` tokens of ``target`` after ``input_ids`` (shape (1, n)), drafting with
@@ -219,14 +240,24 @@ def speculative_stream(
 
     ``prefill_chunk`` > 0: a prompt longer than that is prefilled (target, then draft) that many tokens per
     forward, with an empty ``Step`` yielded after each chunk but the last (a server interleaves other streams).
+
+    ``proposer``: ``draft`` (the draft's chain), ``ngram`` (no draft model: when a suffix of the context, up to
+    ``ngram_max`` tokens, occurred before in it, the ``ngram_tokens`` that followed are proposed, else a plain target
+    step) or ``draft+ngram`` (the n-gram proposal when there is one, else the draft's chain). An n-gram proposal is a
+    draft whose q is one-hot: sampling accepts it with probability p(x) and resamples from norm(max(0, p − q)), so
+    both modes stay lossless.
     """
     prompt = _check_inputs(input_ids, max_new_tokens, temperature, top_p)
+    if proposer not in PROPOSERS:
+        raise ValueError(f"proposer must be one of {', '.join(PROPOSERS)}, got {proposer!r}")
     if policy is not None and gamma is not None:
         raise TypeError("give gamma or policy, not both: a policy chooses the draft length of every step")
     policy = policy if policy is not None else GammaPolicy(3 if gamma is None else gamma)
-    check_compatible(target, draft)
+    use_draft = proposer != "ngram"
+    if use_draft:
+        check_compatible(target, draft)
     eos, greedy = _eos_set(eos_token_id), temperature == 0.0
-    t_run, d_run = CachedRunner(target), CachedRunner(draft)
+    t_run, d_run = CachedRunner(target), CachedRunner(draft) if use_draft else None
     stats = DecodeStats()
     clock = _Clock()
 
@@ -235,14 +266,17 @@ def speculative_stream(
     # pending: tokens the draft cache has not seen yet; the draft prefills when (if ever) it first drafts, unless
     # the prompt is long enough to be prefilled in chunks
     last, pending = prompt[-1], list(prompt)
-    if 0 < prefill_chunk < len(prompt) - 1:
+    if use_draft and 0 < prefill_chunk < len(prompt) - 1:
         yield from _prefill(d_run, prompt[:-1], prefill_chunk, stats, clock)
         pending = [last]
 
     confident = policy.needs_confidence
+    history = list(prompt)  # the context n-grams are looked up in: prompt + emitted tokens
     while stats.new_tokens < max_new_tokens:
-        g_max = min(policy.gamma(len(pending)), max_new_tokens - stats.new_tokens - 1)
-        drafted: list[int] = []
+        budget = max_new_tokens - stats.new_tokens - 1
+        drafted = ngram_proposal(history, ngram_max, min(ngram_tokens, budget)) if proposer != "draft" else []
+        from_ngram = bool(drafted)
+        g_max = 0 if from_ngram or not use_draft else min(policy.gamma(len(pending)), budget)
         q_rows: list[torch.Tensor] = []
         feed = pending
         for i in range(g_max):
@@ -268,13 +302,18 @@ def speculative_stream(
             n, nxt = verify_greedy(target_logits, drafted_t)
         else:
             p = probs_from_logits(target_logits, temperature, top_p)
-            q = torch.stack(q_rows) if q_rows else p[:0]
+            if from_ngram:  # a proposal certain of its tokens: q one-hot
+                q = torch.nn.functional.one_hot(drafted_t, p.shape[-1]).to(p.dtype)
+            else:
+                q = torch.stack(q_rows) if q_rows else p[:0]
             n, nxt = _verify(p, q, drafted_t, generator)
 
         # Roll back: the target cache must hold seq + d_1..d_n, the draft's the same minus its pending tail.
         t_run.crop(g - n)
-        if g == 0:
-            pending = [*pending, nxt]
+        if not use_draft:
+            pending = []
+        elif g == 0 or from_ngram:  # the draft saw none of these tokens: it catches up when it next drafts
+            pending = [*pending, *drafted[:n], nxt]
         elif n < g:
             d_run.crop(g - 1 - n)
             pending = [nxt]
@@ -283,9 +322,12 @@ def speculative_stream(
             pending = [drafted[-1], nxt]
         last = nxt
 
-        policy.update(g, n)
+        if not from_ngram:  # the policy learns the draft's acceptance, not the context's
+            policy.update(g, n)
         emitted, hit_eos = _truncate_at_eos([*drafted[:n], nxt], eos)
         n = min(n, len(emitted))  # draft tokens accepted after a stop token are cut, so they do not count
+        history += emitted
+        stats.ngram_steps += from_ngram
         stats.steps += 1
         stats.proposed += g
         stats.accepted += n
@@ -293,7 +335,8 @@ def speculative_stream(
         stats.proposed_per_step.append(g)
         stats.new_tokens += len(emitted)
         stats.target_forwards, stats.target_time_s = t_run.forwards, t_run.seconds
-        stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
+        if use_draft:
+            stats.draft_forwards, stats.draft_time_s = d_run.forwards, d_run.seconds
         stats.wall_time_s = clock.pause()
         finished = hit_eos or stats.new_tokens >= max_new_tokens
         yield Step(emitted, g, n, finished, stats)

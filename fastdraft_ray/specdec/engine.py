@@ -135,7 +135,8 @@ class SpecDecoder:
     ) -> Iterator[Step]:
         """Yield each decoding step (``decode.Step``: tokens, proposed/accepted, running stats) of the continuation
         of ``input_ids`` (shape (1, n) or a list). ``temperature``/``top_p`` default to the settings' (0 = greedy);
-        ``speculative=False`` (or no draft) decodes with the target alone, one token per step; ``policy``
+        ``speculative=False`` (or no draft, unless ``settings.proposer`` is ``ngram``) decodes with the target
+        alone, one token per step; proposals come from ``settings.proposer`` (``decode.speculative_stream``); ``policy``
         defaults to a fresh one from the settings (``policy()``); ``prefill_chunk`` > 0 prefills a longer prompt in
         chunks of that many tokens, an empty step after each (``decode.speculative_stream``). Closing the iterator
         stops the generation."""
@@ -148,9 +149,15 @@ class SpecDecoder:
             "generator": generator,
             "prefill_chunk": prefill_chunk,
         }
-        if not speculative or self.draft is None:
+        proposer = self.settings.proposer
+        if not speculative or (self.draft is None and proposer != "ngram"):
             return autoregressive_stream(self.target, ids, **kw)
-        return speculative_stream(self.target, self.draft, ids, policy=policy or self.policy(), **kw)
+        ngram = {
+            "proposer": proposer,
+            "ngram_max": self.settings.ngram_max,
+            "ngram_tokens": self.settings.ngram_tokens,
+        }
+        return speculative_stream(self.target, self.draft, ids, policy=policy or self.policy(), **kw, **ngram)
 
     def generate(self, input_ids: torch.LongTensor | list[int], **kwargs) -> DecodeResult:
         """``stream()`` run to its end: every new token and the final counters."""

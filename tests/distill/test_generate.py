@@ -123,6 +123,7 @@ def _job(cfg_args: list[str]) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # over a minute (`-m slow`); its recorded run: benchmarks/results/slow_tests_2026-12-03.md
 def test_interrupted_job_rerun_produces_each_prompt_temperature_exactly_once(tmp_path, tiny_target):
     """Kill the job's whole process group (driver + its Ray) after its first unit file appears; re-run."""
     import yaml

@@ -91,6 +91,7 @@ def _scalar_tags(tb_dir: Path) -> set[str]:
     return set(acc.Tags().get("scalars", []))
 
 
+@pytest.mark.slow  # over a minute (`-m slow`); its recorded run: benchmarks/results/slow_tests_2026-12-03.md
 def test_stopped_search_job_resumes_and_keeps_every_trial(tmp_path, job_client):
     from ray.job_submission import JobStatus
 

@@ -20,6 +20,7 @@ from fastdraft_ray.specdec.decode import (
     NEAR_TIE_LOGIT_GAP,
     autoregressive_generate,
     first_divergence,
+    ngram_proposal,
     speculative_generate,
 )
 from fastdraft_ray.specdec.engine import SpecDecoder
@@ -229,6 +230,24 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_a_step_between_them(speculati
     empty = next(i for i, step in enumerate(steps) if step.tokens)
     assert empty == (8 if speculative else 4) and not any(s.finished for s in steps[:empty])
     assert_greedy_equal(target, ids, whole, [t for step in steps for t in step.tokens], "chunked prefill")
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft+ngram"])
+def test_ngram_proposals_keep_greedy_output_exact(proposer):
+    """A repetitive prompt makes n-gram proposals frequent (some accepted, some not); the output stays the
+    target's own greedy output, and the draft's cache catches up on tokens it never proposed."""
+    cfg = tiny_config("llama")
+    target = _model(cfg, 0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]])
+    reference = autoregressive_generate(target, ids, max_new_tokens=40).tokens
+    draft = _noisy_copy(target, 0.5) if proposer == "draft+ngram" else None
+    res = speculative_generate(target, draft, ids, gamma=2, max_new_tokens=40, proposer=proposer)
+    assert res.tokens == reference
+    assert res.stats.ngram_steps > 0 and res.stats.accepted > 0
+    if proposer == "draft+ngram":
+        assert res.stats.steps > res.stats.ngram_steps  # the draft drafted when no n-gram matched
+    assert ngram_proposal([1, 2, 3, 9, 1, 2], 3, 2) == [3, 9]
+    assert ngram_proposal([1, 2, 3], 3, 2) == [] and ngram_proposal([4, 4], 3, 0) == []
 
 
 def test_sampling_is_reproducible_and_seed_dependent():

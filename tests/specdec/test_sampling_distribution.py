@@ -69,10 +69,11 @@ def exact_joint(model, temperature: float, top_p: float) -> torch.Tensor:
     return joint
 
 
-def samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0, verify=None):
+def samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0, verify=None, proposer="draft"):
     """``n`` sampled continuations through the engine's ``stream()`` (``draft`` None: plain sampling from the
-    target alone; ``verify``: a deliberately broken rule, swapped in at the decoding loop's test hook instead)."""
-    decoder = SpecDecoder(target, draft, DecodeConfig(gamma=GAMMA, stop_at_eos=False))
+    target alone, unless ``proposer`` is ``ngram``; ``verify``: a deliberately broken rule, swapped in at the
+    decoding loop's test hook instead)."""
+    decoder = SpecDecoder(target, draft, DecodeConfig(gamma=GAMMA, stop_at_eos=False, proposer=proposer))
     rows = []
     for seed in range(n):
         kw = {"max_new_tokens": K, "temperature": temperature, "top_p": top_p}
@@ -80,7 +81,9 @@ def samples(target, draft, n: int, temperature: float = 1.0, top_p: float = 1.0,
         if verify is None:
             steps = decoder.stream(PROMPT, generator=gen, **kw)
         else:
-            steps = speculative_stream(target, draft, PROMPT, gamma=GAMMA, generator=gen, _verify=verify, **kw)
+            steps = speculative_stream(
+                target, draft, PROMPT, gamma=GAMMA, generator=gen, _verify=verify, proposer=proposer, **kw
+            )
         tokens = [t for step in steps for t in step.tokens]
         assert len(tokens) == K
         rows.append(tokens)
@@ -159,6 +162,25 @@ def test_plain_sampling_matches_target_distribution(pair, temperature, top_p, mo
     monkeypatch.setattr(decode, "sample", lambda probs, gen: sample(probs**2 / (probs**2).sum(), gen))
     broken = pvalues(samples(target, None, 500, temperature, top_p), joint)
     assert min(broken.values()) < ALPHA, broken
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft+ngram"])
+def test_ngram_proposals_sample_the_target_distribution(pair, proposer):
+    """An n-gram proposal is a draft with a one-hot q: accepted with p(x), residual norm(max(0, p - q)). The
+    8-token vocabulary repeats tokens often, so many steps propose n-grams; the same test rejects the engine with a
+    rule that accepts every proposal."""
+    target, draft = pair
+    draft = draft if proposer == "draft+ngram" else None
+    joint = exact_joint(target, 1.0, 1.0)
+    correct = pvalues(samples(target, draft, 800, proposer=proposer), joint)
+    assert min(correct.values()) > ALPHA, correct
+    broken = pvalues(samples(target, draft, 500, verify=accept_always, proposer=proposer), joint)
+    assert min(broken.values()) < ALPHA, broken
+    ngram_steps = speculative_generate(
+        target, draft, PROMPT, gamma=GAMMA, max_new_tokens=200, temperature=1.0, proposer=proposer,
+        generator=torch.Generator().manual_seed(0),
+    ).stats.ngram_steps  # fmt: skip
+    assert ngram_steps >= 20, ngram_steps
 
 
 def test_acceptance_paths_all_occur(pair):

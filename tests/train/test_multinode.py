@@ -46,6 +46,7 @@ def _run(tiny_target, tiny_data, tmp_path, name):
     return record, read_trace(trace_dir), tmp_path / "runs" / name / "pt" / "export"
 
 
+@pytest.mark.slow  # over a minute (`-m slow`); its recorded run: benchmarks/results/slow_tests_2026-12-03.md
 def test_two_nodes_train_like_one(cluster, tmp_path, tiny_target, tiny_data):
     from transformers import AutoModelForCausalLM
 

@@ -106,21 +106,24 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, tiny_target):
 
 
 @pytest.mark.timeout(600)
-def test_a_small_val_split_is_scored_and_a_stale_build_lock_does_not_hang(
-    tmp_path, tiny_target, tiny_hash, ray_3cpu
-):
-    """3 val rows < 4 (2 workers x micro-batch 2): scored as 2 rows, one per worker (a small FT split's case). And a
-    lock left in DeepSpeed's op build folder by a killed build: the workers clear it and train (before, they waited
-    on it forever right after loading their weights)."""
+def test_small_val_split_stale_build_lock_and_frozen_embeddings(tmp_path, tiny_target, tiny_hash, ray_3cpu):
+    """One run, three checks. 3 val rows < 4 (2 workers x micro-batch 2): scored as 2 rows, one per worker (a small
+    FT split's case). A lock left in DeepSpeed's op build folder by a killed build: the workers clear it and train
+    (before, they waited on it forever right after loading their weights). train.freeze_embeddings: the embeddings
+    end where they started while the layers train."""
+    from safetensors.torch import load_file
+
     from fastdraft_ray.jit_ops import extensions_root
+    from fastdraft_ray.layout import RunLayout
     from fastdraft_ray.train.run import train_stage
 
     data = write_shards(tmp_path / "data", tokenizer_hash=tiny_hash, vocab_size=96, val_rows=3)
     lock = extensions_root() / "deepspeed_shm_comm" / "lock"  # the folder the workers build in (same env)
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
+    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256, freeze_embeddings=True)
     try:
-        record = train_stage(tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256), str(data))
+        record = train_stage(cfg, str(data))
     finally:
         planted = lock.exists()
         lock.unlink(missing_ok=True)
@@ -128,15 +131,6 @@ def test_a_small_val_split_is_scored_and_a_stale_build_lock_does_not_hang(
     val = record["metrics"]["val/loss"]
     assert val is not None and 0 < val < 10
 
-
-def test_frozen_embeddings_stay_at_their_init_while_the_layers_train(tmp_path, tiny_target, tiny_data, ray_3cpu):
-    from safetensors.torch import load_file
-
-    from fastdraft_ray.layout import RunLayout
-    from fastdraft_ray.train.run import train_stage
-
-    cfg = tiny_run_config(tiny_target, tmp_path / "runs", token_budget=256, freeze_embeddings=True)
-    train_stage(cfg, str(tiny_data))
     stage = RunLayout.of(cfg).stage("pt")
     init, out = load_file(stage.init / "model.safetensors"), load_file(stage.export / "model.safetensors")
     assert torch.equal(init["model.embed_tokens.weight"], out["model.embed_tokens.weight"])
