@@ -44,7 +44,7 @@ def main() -> None:
     settings = DecodeConfig(proposer="ngram", ngram_tokens=args.ngram_tokens, ngram_max=args.ngram_max)
     engine = SpecDecoder(model, None, settings, tokenizer=tokenizer)
     prompts = load_tasks(tokenizer, prompts_per_task=args.prompts_per_task)
-    engine.generate(prompts["summarisation"][0].input_ids, max_new_tokens=8, speculative=False)  # warm-up
+    engine.generate(next(iter(prompts.values()))[0].input_ids, max_new_tokens=8, speculative=False)  # warm-up
 
     def run(method: str, ids: list[int]) -> tuple[list[int], float, int]:
         start = time.perf_counter()
