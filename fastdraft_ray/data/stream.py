@@ -172,7 +172,15 @@ def training_dataset(
         fn_kwargs={"data_dir": data_dir, "row_len": manifest["row_len"], "seed": seed, "epoch": epoch},
     )
     if block_rows:
-        ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
+        return worker_blocks(ds, block_rows)
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def worker_blocks(ds, block_rows: int):
+    """``ds`` re-cut, in order, into blocks of exactly ``block_rows`` rows (the last may be shorter): Ray Data's
+    split then deals them round-robin (see the module docstring). A repartition task reserves a whole CPU."""
+    ds = ds.repartition(target_num_rows_per_block=block_rows, strict=True)
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -194,6 +202,7 @@ __all__ = [
     "read_manifest",
     "training_dataset",
     "train_data_config",
+    "worker_blocks",
     "check_tokenizer",
     "epoch_windows",
     "num_rows",

@@ -78,7 +78,7 @@ def build_datasets(
     data_dir: str, cfg: FastDraftConfig, start_row: int, end_row: int, tokenizer_hash: str, rows_per_epoch: int
 ) -> dict:
     """``{"train": rows [start_row, end_row) of the global order, "val": the val split}`` as Ray Datasets."""
-    from fastdraft_ray.data.stream import read_manifest, training_dataset
+    from fastdraft_ray.data.stream import read_manifest, training_dataset, worker_blocks
 
     parts = [
         training_dataset(
@@ -92,11 +92,9 @@ def build_datasets(
         for epoch, skip in epoch_plan(start_row, end_row, rows_per_epoch)
     ]
     train = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    # blocks of exactly one worker's micro-batch: the split hands them out round-robin (data/stream.py), so
-    # worker r reads rows [r*m, (r+1)*m) of each global micro-batch, and only those
-    train = train.repartition(target_num_rows_per_block=cfg.train.micro_batch_size, strict=True)
-    train.context.execution_options.preserve_order = True
-    datasets = {"train": train}
+    # blocks of one worker's micro-batch, dealt round-robin by the split: worker r reads rows [r*m, (r+1)*m) of
+    # each global micro-batch, and only those
+    datasets = {"train": worker_blocks(train, cfg.train.micro_batch_size)}
     if cfg.train.val_rows > 0 and _split_rows(read_manifest(data_dir), "val"):
         datasets["val"] = training_dataset(
             data_dir, split="val", seed=0, epoch=0, expected_tokenizer_hash=tokenizer_hash
