@@ -215,11 +215,8 @@ def _training(cfg: FastDraftConfig, stage: str, selected: list[str]) -> Stage:
         if isinstance(old, str):
             return old
         inputs_now = record.get("inputs", {})
-        try:
-            manifest_now = sha256_file(f"{str(data_dir).rstrip('/')}/manifest.json")
-        except FileNotFoundError:
-            manifest_now = None
-        if inputs_now.get("manifest_sha256") != manifest_now:
+        manifest = data_dir / "manifest.json"  # a path: URLs are refused when the config loads
+        if not manifest.exists() or inputs_now.get("manifest_sha256") != sha256_file(manifest):
             return f"its training data changed ({data_dir})"
         if init_from and inputs_now.get("init_sha256") != output_fingerprint(Path(init_from, "model.safetensors")):
             return f"the draft it started from changed ({init_from})"
